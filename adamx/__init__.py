@@ -1,0 +1,46 @@
+"""adamx: Adam for JAX with Keras 3 / TF1 semantics, as composable optax transforms."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from adamx import schedules as schedules
+from adamx._adam import Adam as Adam
+from adamx._adam import AdamState as AdamState
+from adamx._adam import adam as adam
+from adamx._adam import adamw as adamw
+from adamx._averaging import EmaParamsState as EmaParamsState
+from adamx._averaging import ema_params as ema_params
+from adamx._averaging import finalize_variable_values as finalize_variable_values
+from adamx._clipping import clip_by_global_norm as clip_by_global_norm
+from adamx._clipping import clip_by_norm as clip_by_norm
+from adamx._config import from_keras_config as from_keras_config
+from adamx._config import to_keras_config as to_keras_config
+from adamx._decay import decoupled_weight_decay as decoupled_weight_decay
+from adamx._moments import ScaleByAdamState as ScaleByAdamState
+from adamx._moments import scale_by_adam as scale_by_adam
+from adamx._tf1 import Tf1AdamState as Tf1AdamState
+from adamx._tf1 import tf1_adam as tf1_adam
+
+try:
+    __version__ = version("adamx")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+src"
+
+__all__ = [
+    "Adam",
+    "AdamState",
+    "EmaParamsState",
+    "ScaleByAdamState",
+    "Tf1AdamState",
+    "adam",
+    "adamw",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "decoupled_weight_decay",
+    "ema_params",
+    "finalize_variable_values",
+    "from_keras_config",
+    "schedules",
+    "scale_by_adam",
+    "tf1_adam",
+    "to_keras_config",
+]

@@ -1,0 +1,376 @@
+"""``adam`` and ``adamw``: every argument of Keras 3's ``keras.optimizers.Adam``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamx import _averaging, _clipping, _decay, _hyper, _moments, _tree
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam` / :func:`adamw`. Field names are the checkpoint format.
+
+    Optional features keep ``None`` in their field when off, so the tuple always has
+    these six fields.
+    """
+
+    count: jax.Array  # shape=(), dtype=int32; update() calls so far (micro-steps under accumulation), saturating
+    mu: optax.Updates  # first moment, like params; mu_dtype (default float32 for f32/bf16/f16 params)
+    nu: optax.Updates  # second moment, like params; nu_dtype (default as mu)
+    nu_max: Optional[optax.Updates]  # amsgrad: running max of raw nu, else None
+    acc: Optional[optax.Updates]  # gradient_accumulation_steps: sum of this window's micro-step grads, else None
+    ema: Optional[optax.Params]  # use_ema: moving average of params (float32 at least), else None
+
+
+class Adam(optax.GradientTransformationExtraArgs):
+    """An ``optax.GradientTransformationExtraArgs`` that also remembers its arguments.
+
+    ``hyperparams`` holds the arguments :func:`adam` was called with; ``get_config()``
+    writes them as the dict Keras's ``Adam.get_config()`` prints (see
+    :func:`adamx.to_keras_config`).
+    """
+
+    hyperparams: dict[str, Any]
+
+    def get_config(self) -> dict[str, Any]:
+        from adamx._config import to_keras_config
+
+        return to_keras_config(self)
+
+
+_CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+def _validate(a: dict[str, Any]) -> None:
+    _hyper.check_scalar("learning_rate", a["learning_rate"], lo=0.0, allow_schedule=True)
+    _moments._check_adam_args(a["beta_1"], a["beta_2"], a["epsilon"])
+    if not isinstance(a["amsgrad"], bool):
+        raise TypeError(f"`amsgrad` must be a bool, got {a['amsgrad']!r}.")
+    if not isinstance(a["use_ema"], bool):
+        raise TypeError(f"`use_ema` must be a bool, got {a['use_ema']!r}.")
+    if a["weight_decay"] is not None:
+        _hyper.check_scalar("weight_decay", a["weight_decay"], lo=0.0, allow_schedule=True)
+    set_clips = [k for k in _CLIP_ARGS if a[k] is not None]
+    if len(set_clips) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+            f"Received: {', '.join(f'{k}={a[k]}' for k in set_clips)}."
+        )
+    for k in set_clips:
+        _hyper.check_scalar(k, a[k], lo=0.0, lo_open=True)
+    _hyper.check_scalar("ema_momentum", a["ema_momentum"], lo=0.0, hi=1.0)
+    _hyper.check_int("ema_overwrite_frequency", a["ema_overwrite_frequency"], lo=1)
+    _hyper.check_int("gradient_accumulation_steps", a["gradient_accumulation_steps"], lo=1)
+    if a["loss_scale_factor"] is not None:
+        _hyper.check_scalar("loss_scale_factor", a["loss_scale_factor"], lo=0.0, lo_open=True)
+    _decay.check_exclude(a["exclude_from_weight_decay"])
+    wdm = a["weight_decay_mask"]
+    if wdm is not None and not callable(wdm) and not isinstance(wdm, (dict, list, tuple, bool)) and not hasattr(
+        wdm, "__dataclass_fields__"
+    ):
+        jax.tree_util.tree_structure(wdm)  # must at least be a pytree
+
+
+def _is_off(x: Any) -> bool:
+    """``None`` and a concrete 0 switch a feature off (Keras: ``if self.weight_decay``)."""
+    return x is None or (_hyper.concrete(x) == 0.0 and not _hyper.is_schedule(x))
+
+
+def adam(
+    learning_rate: _hyper.ScalarOrSchedule = 0.001,
+    beta_1: _hyper.ScalarOrSchedule = 0.9,
+    beta_2: _hyper.ScalarOrSchedule = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    weight_decay: Optional[_hyper.ScalarOrSchedule] = None,
+    clipnorm: Optional[float] = None,
+    clipvalue: Optional[float] = None,
+    global_clipnorm: Optional[float] = None,
+    use_ema: bool = False,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: Optional[int] = None,
+    loss_scale_factor: Optional[float] = None,
+    gradient_accumulation_steps: Optional[int] = None,
+    exclude_from_weight_decay: Optional[Sequence[str]] = None,
+    weight_decay_mask: _decay.MaskOrFn = None,
+    *,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+    name: str = "adam",
+) -> Adam:
+    r"""Adam with Keras 3's arguments, defaults and semantics.
+
+    One call of ``update`` is one ``optimizer.apply`` of Keras. With ``n`` the number
+    of earlier calls, ``k = gradient_accumulation_steps or 1`` and ``t = n // k + 1``:
+
+    .. code-block:: text
+
+        g   = grads / loss_scale_factor                        # if set
+        # accumulation (k > 1): on micro-steps (n+1) % k != 0 only acc += g, no update
+        g   = (g + acc) / k ;  acc = 0
+        g   = clip(g)             # clipnorm: per tensor | global_clipnorm | clipvalue
+        lr  = learning_rate(n)    # schedules see n, the raw call count (Keras)
+        m   = m + (g - m) * (1 - beta_1)
+        v   = v + (g*g - v) * (1 - beta_2)
+        v_u = max(v_u, v) if amsgrad else v                    # max over RAW v
+        alpha  = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
+        params = params - params * weight_decay * lr           # decoupled, masked
+        params = params - m * alpha / (sqrt(v_u) + epsilon)    # epsilon-hat form
+        # use_ema: average all params (first step: average = params); every
+        # ema_overwrite_frequency steps params <- average
+
+    ``update`` returns the difference as optax ``updates``; apply it with
+    ``optax.apply_updates``. Arithmetic is float32 (wider for float64 params) and,
+    by default, the moments, accumulator and average are float32 too, also for
+    bfloat16/float16 params. (Keras keeps them in the parameter dtype, where
+    ``bf16(0.999) == 1`` freezes training.)
+
+    .. warning::
+       ``epsilon`` is "epsilon hat" (default ``1e-7``), added to ``sqrt(v)`` without
+       bias correction, as in Keras and TF. optax's ``eps`` (default ``1e-8``) is added
+       to the bias-corrected ``sqrt(v_hat)``; no constant optax ``eps`` reproduces this.
+
+    Non-finite gradients propagate (NaN in, NaN out) as in Keras; with
+    ``global_clipnorm`` one non-finite gradient makes every update NaN. To skip such
+    steps wrap the optimizer in ``optax.apply_if_finite``.
+
+    Args:
+      learning_rate: float >= 0 or a schedule ``count -> lr`` (see ``adamx.schedules``
+        for Keras's schedules).
+      beta_1, beta_2: in [0, 1), or schedules; the current value is used in
+        ``beta^t`` and in ``1 - beta``, as Keras does with a variable beta.
+      epsilon: >= 0, epsilon hat.
+      amsgrad: Keras/PyTorch AMSGrad.
+      weight_decay: decoupled decay rate (>= 0, or a schedule), scaled by the current lr.
+      clipnorm: clip each gradient tensor to this L2 norm.
+      clipvalue: clip each gradient element to ``[-clipvalue, clipvalue]``.
+      global_clipnorm: clip all gradients together to this L2 norm. At most one of
+        the three clip arguments may be set.
+      use_ema: keep a moving average of the parameters (read it with
+        :func:`adamx.finalize_variable_values`).
+      ema_momentum: in [0, 1].
+      ema_overwrite_frequency: ``None`` or int >= 1: every that many steps the params
+        are set to their average.
+      loss_scale_factor: gradients are divided by it first (> 0).
+      gradient_accumulation_steps: ``None`` or int >= 1: average this many calls'
+        gradients into one update.
+      exclude_from_weight_decay: regexes; leaves whose key path (``a/b/c``) matches
+        any are not decayed.
+      weight_decay_mask: pytree of bools or callable ``params -> pytree``: ``True``
+        leaves are decayed (optax convention).
+      mu_dtype, nu_dtype: storage dtypes of the moments (e.g. ``jnp.bfloat16``).
+      name: kept for ``get_config()``.
+
+    Returns:
+      An :class:`Adam` (an ``optax.GradientTransformationExtraArgs``) with state
+      :class:`AdamState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adamx
+      >>> opt = adamx.adam(learning_rate=0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = opt.update(grads, state, params)
+      >>> optax.apply_updates(params, updates)["w"].round(4).tolist()
+      [0.9, -1.9]
+    """
+    hp = dict(
+        learning_rate=learning_rate,
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=epsilon,
+        amsgrad=amsgrad,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        exclude_from_weight_decay=exclude_from_weight_decay,
+        weight_decay_mask=weight_decay_mask,
+    )
+    _validate(hp)
+    k = None if gradient_accumulation_steps is None else gradient_accumulation_steps
+    if k is not None and _hyper.concrete(k) == 1.0:
+        k = None
+    decay_on = not _is_off(weight_decay)
+    needs_params = decay_on or use_ema
+    exclude = list(exclude_from_weight_decay) if exclude_from_weight_decay else None
+
+    def init_fn(params: optax.Params) -> AdamState:
+        return AdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=_moments.moment_buffers(params, mu_dtype),
+            nu=_moments.moment_buffers(params, nu_dtype),
+            nu_max=_moments.moment_buffers(params, nu_dtype) if amsgrad else None,
+            acc=jax.tree.map(lambda p: _tree.zeros_like(p, _tree.compute_dtype(p.dtype)), params)
+            if k is not None
+            else None,
+            ema=_averaging.ema_buffers(params) if use_ema else None,
+        )
+
+    def update_fn(grads: optax.Updates, state: AdamState, params: Optional[optax.Params] = None, **extra: Any):
+        del extra
+        if params is None and needs_params:
+            raise ValueError(
+                "adamx.adam with weight_decay or use_ema needs the params: call update(grads, state, params)."
+            )
+        g_l, p_l, treedef = _tree.align_grads(grads, state.mu if params is None else params)
+        if params is None:
+            p_l = [None] * len(g_l)
+        flat = treedef.flatten_up_to
+        nl = len(g_l)
+        mu_l, nu_l = flat(state.mu), flat(state.nu)
+        nm_l = flat(state.nu_max) if amsgrad else [None] * nl
+        acc_l = flat(state.acc) if k is not None else [None] * nl
+        n = state.count
+
+        g_l = [None if g is None else g.astype(_tree.compute_dtype(g.dtype)) for g in g_l]
+        if loss_scale_factor is not None:
+            s = jnp.asarray(loss_scale_factor, jnp.float32)
+            g_l = [None if g is None else g / s.astype(g.dtype) for g in g_l]
+        keep = _decay.decay_mask_leaves(params, exclude, weight_decay_mask) if decay_on else [False] * nl
+
+        def real_step(g_l, acc_l, mu_l, nu_l, nm_l):
+            if k is not None:
+                kf = jnp.asarray(k, jnp.float32)
+                g_l = [None if g is None else (g + a) / kf.astype(g.dtype) for g, a in zip(g_l, acc_l)]
+                acc_l = [jnp.zeros_like(a) for a in acc_l]
+            g_l = _clip(g_l)
+            lr = _hyper.value_at(learning_rate, n)
+            t = n + 1 if k is None else n // k + 1
+            sc = _moments.adam_scalars(
+                beta_1, beta_2, epsilon, 0.0, n, alpha_lr=lr, keras_rounding=True, t=t, sched_count=n
+            )
+            wd = _hyper.value_at(weight_decay, n) if decay_on else None
+            u_l, mu_n, nu_n, nm_n = [], [], [], []
+            for g, p, m, v, vm, dec in zip(g_l, p_l, mu_l, nu_l, nm_l, keep):
+                if g is None:
+                    u_l.append(None)
+                    mu_n.append(m)
+                    nu_n.append(v)
+                    nm_n.append(vm)
+                    continue
+                d, m2, v2, vm2 = _moments.adam_leaf(g, m, v, vm, sc, form="kernel", mode="hat")
+                u = -d
+                if dec:
+                    pf = p.astype(d.dtype)
+                    u = u - (pf * wd.astype(d.dtype)) * lr.astype(d.dtype)
+                u_l.append(u.astype(g.dtype if p is None else jnp.asarray(p).dtype))
+                mu_n.append(m2)
+                nu_n.append(v2)
+                nm_n.append(vm2)
+            return u_l, acc_l, mu_n, nu_n, nm_n
+
+        def micro_step(g_l, acc_l, mu_l, nu_l, nm_l):
+            acc_l = [a if g is None else a + g.astype(a.dtype) for g, a in zip(g_l, acc_l)]
+            u_l = [
+                None if g is None else jnp.zeros(g.shape, g.dtype if p is None else jnp.asarray(p).dtype)
+                for g, p in zip(g_l, p_l)
+            ]
+            return u_l, acc_l, mu_l, nu_l, nm_l
+
+        ops = (g_l, acc_l, mu_l, nu_l, nm_l)
+        if k is None:
+            u_l, acc_l, mu_l, nu_l, nm_l = real_step(*ops)
+        else:
+            u_l, acc_l, mu_l, nu_l, nm_l = jax.lax.cond((n + 1) % k == 0, real_step, micro_step, *ops)
+
+        ema = None
+        if use_ema:
+            u_l, ema_l = _averaging.ema_step(
+                p_l, u_l, flat(state.ema), n, ema_momentum, ema_overwrite_frequency, k
+            )
+            ema = jax.tree_util.tree_unflatten(treedef, ema_l)
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        new_state = AdamState(
+            count=optax.safe_increment(n),
+            mu=unflat(mu_l),
+            nu=unflat(nu_l),
+            nu_max=unflat(nm_l) if amsgrad else None,
+            acc=unflat(acc_l) if k is not None else None,
+            ema=ema,
+        )
+        return unflat(u_l), new_state
+
+    def _clip(g_l: list[Any]) -> list[Any]:
+        if clipnorm is not None:
+            c = jnp.asarray(clipnorm, jnp.float32)
+            return [None if g is None else _clipping.clip_leaf_by_norm(g, c) for g in g_l]
+        if global_clipnorm is not None:
+            c = jnp.asarray(global_clipnorm, jnp.float32)
+            scale = _clipping.global_clip_scale(_clipping.global_norm(g_l), c)
+            return [None if g is None else g * scale.astype(g.dtype) for g in g_l]
+        if clipvalue is not None:
+            c = jnp.asarray(clipvalue, jnp.float32)
+            return [None if g is None else _clipping.clip_leaf_by_value(g, c) for g in g_l]
+        return g_l
+
+    opt = Adam(init_fn, update_fn)
+    opt.hyperparams = dict(hp, mu_dtype=mu_dtype, nu_dtype=nu_dtype, name=name)
+    return opt
+
+
+def adamw(
+    learning_rate: _hyper.ScalarOrSchedule = 0.001,
+    weight_decay: _hyper.ScalarOrSchedule = 0.004,
+    beta_1: _hyper.ScalarOrSchedule = 0.9,
+    beta_2: _hyper.ScalarOrSchedule = 0.999,
+    epsilon: float = 1e-7,
+    amsgrad: bool = False,
+    clipnorm: Optional[float] = None,
+    clipvalue: Optional[float] = None,
+    global_clipnorm: Optional[float] = None,
+    use_ema: bool = False,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: Optional[int] = None,
+    loss_scale_factor: Optional[float] = None,
+    gradient_accumulation_steps: Optional[int] = None,
+    exclude_from_weight_decay: Optional[Sequence[str]] = None,
+    weight_decay_mask: _decay.MaskOrFn = None,
+    *,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+    name: str = "adamw",
+) -> Adam:
+    """Keras 3's ``AdamW``: :func:`adam` with ``weight_decay=0.004`` by default.
+
+    The argument order is Keras AdamW's (``weight_decay`` second). ``weight_decay``
+    may not be ``None`` (Keras raises too).
+
+    Example:
+      >>> import adamx
+      >>> adamx.adamw().hyperparams["weight_decay"]
+      0.004
+    """
+    if weight_decay is None:
+        raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
+    return adam(
+        learning_rate=learning_rate,
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=epsilon,
+        amsgrad=amsgrad,
+        weight_decay=weight_decay,
+        clipnorm=clipnorm,
+        clipvalue=clipvalue,
+        global_clipnorm=global_clipnorm,
+        use_ema=use_ema,
+        ema_momentum=ema_momentum,
+        ema_overwrite_frequency=ema_overwrite_frequency,
+        loss_scale_factor=loss_scale_factor,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        exclude_from_weight_decay=exclude_from_weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        name=name,
+    )

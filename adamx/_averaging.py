@@ -1,0 +1,148 @@
+"""Exponential moving average of the *parameters* (Keras ``use_ema``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamx import _hyper, _tree
+
+
+class EmaParamsState(NamedTuple):
+    """State of :func:`ema_params`. Field names are the checkpoint format."""
+
+    count: jax.Array  # shape=(), dtype=int32; update() calls so far, saturating
+    ema: optax.Params  # moving average of params; float32 for bf16/f16/f32 params
+
+
+def ema_buffers(params: Any, dtype: Any | None = None) -> Any:
+    """The averages' initial value: a fresh copy of ``params`` (never the same buffers)."""
+    return jax.tree.map(lambda p: _tree.fresh_copy(p, _tree.state_dtype(p.dtype, dtype)), params)
+
+
+def ema_step(
+    p_leaves: list[Any],
+    u_leaves: list[Any],
+    avg_leaves: list[Any],
+    count: jax.Array,
+    momentum: Any,
+    overwrite_frequency: Any | None,
+    accumulation_steps: Any | None,
+) -> tuple[list[Any], list[Any]]:
+    """Keras's EMA after an update; returns ``(updates, averages)``.
+
+    .. code-block:: text
+
+        it = count // accumulation_steps                  # Keras `iterations`, pre-increment
+        mom = momentum if it != 0 else 0                  # first step: average = new params
+        avg = mom * avg + (1 - mom) * (params + updates)  # 1 - mom in float32
+        if overwrite_frequency and (it + 1) % overwrite_frequency == 0:
+            updates = avg - params                        # params + updates == avg
+
+    Every leaf is averaged, also those whose update is zero (micro-steps, ``None``
+    gradients), as Keras averages every variable it was built with.
+    """
+    it = count if accumulation_steps is None else count // accumulation_steps
+    mom = jnp.where(it != 0, jnp.asarray(momentum, jnp.float32), 0.0)
+    one_m = 1 - mom
+    overwrite = None
+    if overwrite_frequency is not None:
+        overwrite = (it + 1) % overwrite_frequency == 0
+    new_u, new_avg = [], []
+    for p, u, a in zip(p_leaves, u_leaves, avg_leaves):
+        p_new = p if u is None else optax.apply_updates(p, u)
+        a_new = mom.astype(a.dtype) * a + one_m.astype(a.dtype) * p_new.astype(a.dtype)
+        new_avg.append(a_new)
+        if overwrite is not None:
+            pdt = jnp.asarray(p).dtype
+            to_avg = (a_new - p.astype(a_new.dtype)).astype(pdt)
+            u = jnp.where(overwrite, to_avg, jnp.zeros_like(to_avg) if u is None else u.astype(pdt))
+        new_u.append(u)
+    return new_u, new_avg
+
+
+def ema_params(
+    momentum: float = 0.99,
+    overwrite_frequency: Optional[int] = None,
+    *,
+    accumulation_steps: Optional[int] = None,
+    ema_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""Keep an exponential moving average of the parameters (Keras ``use_ema``).
+
+    Put it **last** in a chain: it averages ``params + updates``, the values the step
+    produces. See :func:`ema_step` for the rule; in short
+
+    .. code-block:: text
+
+        avg_1 = params_1                           # Keras's first-step rule
+        avg_t = momentum * avg_{t-1} + (1 - momentum) * params_t
+        every `overwrite_frequency` steps: params_t <- avg_t
+
+    Read the averages with :func:`finalize_variable_values`.
+
+    Args:
+      momentum: in [0, 1].
+      overwrite_frequency: ``None`` or an integer >= 1.
+      accumulation_steps: when the chain accumulates gradients over ``k`` micro-steps
+        (Keras ``gradient_accumulation_steps``), pass ``k`` so the first-step rule and
+        the overwrite count real steps, as Keras does.
+      ema_dtype: storage dtype; default float32 for bf16/f16/f32 params.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adamx
+      >>> tx = optax.chain(optax.sgd(0.1), adamx.ema_params(0.9))
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = tx.init(params)
+      >>> u, state = tx.update({"w": jnp.ones(2)}, state, params)
+      >>> adamx.finalize_variable_values(optax.apply_updates(params, u), state)["w"].tolist()
+      [0.8999999761581421, 0.8999999761581421]
+    """
+    _hyper.check_scalar("ema_momentum", momentum, lo=0.0, hi=1.0)
+    _hyper.check_int("ema_overwrite_frequency", overwrite_frequency, lo=1)
+    _hyper.check_int("accumulation_steps", accumulation_steps, lo=1)
+
+    def init_fn(params):
+        return EmaParamsState(count=jnp.zeros([], jnp.int32), ema=ema_buffers(params, ema_dtype))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_params needs `params`: call update(updates, state, params).")
+        u_leaves, p_leaves, treedef = _tree.align_grads(updates, params)
+        avg_leaves = treedef.flatten_up_to(state.ema)
+        new_u, new_avg = ema_step(
+            p_leaves, u_leaves, avg_leaves, state.count, momentum, overwrite_frequency, accumulation_steps
+        )
+        new_u = [jnp.zeros_like(p) if u is None else u for u, p in zip(new_u, p_leaves)]
+        return jax.tree_util.tree_unflatten(treedef, new_u), EmaParamsState(
+            count=optax.safe_increment(state.count), ema=jax.tree_util.tree_unflatten(treedef, new_avg)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _has_ema(x: Any) -> bool:
+    return isinstance(x, tuple) and "ema" in getattr(x, "_fields", ())
+
+
+def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
+    """The EMA weights held in ``opt_state``, in ``params``' dtypes (Keras ``finalize_variable_values``).
+
+    Searches ``opt_state`` (also inside ``optax.chain``, ``inject_hyperparams``,
+    ``MultiSteps`` ...) for the first adamx state that keeps averages. Without one, or
+    when averaging is off, returns ``params`` unchanged. Pure: nothing is modified.
+
+    Example:
+      >>> import jax.numpy as jnp, adamx
+      >>> opt = adamx.adam(use_ema=True)
+      >>> params = {"w": jnp.ones(2)}
+      >>> adamx.finalize_variable_values(params, opt.init(params))["w"].tolist()
+      [1.0, 1.0]
+    """
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=_has_ema):
+        if _has_ema(node) and node.ema is not None:
+            return jax.tree.map(lambda p, a: a.astype(jnp.asarray(p).dtype), params, node.ema)
+    return params

@@ -1,0 +1,101 @@
+"""Gradient clipping with Keras's formulas: per-tensor norm, global norm, value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamx import _hyper, _tree
+
+
+def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """Keras ``clipnorm`` on one tensor: ``g * c / max(||g||_2, c)`` (norm over all axes).
+
+    Below the threshold this is ``g * c / c``, which Keras also computes (it is not
+    always bit-exactly ``g``).
+    """
+    gf = g.astype(_tree.compute_dtype(g.dtype))
+    norm = jnp.sqrt(jnp.sum(gf * gf))
+    return ((gf * max_norm) / jnp.maximum(norm, max_norm)).astype(g.dtype)
+
+
+def global_norm(leaves: list[Any]) -> jax.Array:
+    """``sqrt(sum_i sum(g_i**2))`` over the non-``None`` leaves, in float32 at least."""
+    total = jnp.zeros([], jnp.float32)
+    for g in leaves:
+        if g is not None:
+            gf = g.astype(_tree.compute_dtype(g.dtype))
+            total = total + jnp.sum(gf * gf).astype(total.dtype)
+    return jnp.sqrt(total)
+
+
+def global_clip_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """Keras ``global_clipnorm``'s factor ``c * min(1/n, 1/c)``.
+
+    A non-finite norm (any inf/NaN gradient) gives NaN, so every gradient becomes NaN,
+    as in Keras and ``optax.clip_by_global_norm``.
+    """
+    return max_norm * jnp.minimum(1.0 / norm, 1.0 / max_norm) + (norm - norm)
+
+
+def clip_by_norm(max_norm: float) -> optax.GradientTransformation:
+    r"""Clip each tensor to L2 norm ``max_norm`` (Keras ``clipnorm``).
+
+    .. code-block:: text
+
+        for each leaf g:  g <- g * max_norm / max(||g||_2, max_norm)
+
+    Unlike ``optax.clip_by_global_norm``, each tensor is clipped on its own.
+
+    Args:
+      max_norm: the threshold, > 0.
+
+    Example:
+      >>> import jax.numpy as jnp, adamx
+      >>> tx = adamx.clip_by_norm(1.0)
+      >>> u, _ = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))
+      >>> [round(float(x), 4) for x in u["w"]]
+      [0.6, 0.8]
+    """
+    _hyper.check_scalar("clipnorm", max_norm, lo=0.0, lo_open=True)
+
+    def update_fn(updates, state, params=None):
+        del params
+        c = jnp.asarray(max_norm, jnp.float32)
+        return jax.tree.map(lambda g: clip_leaf_by_norm(g, c), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    r"""Scale all tensors together so their joint L2 norm is at most ``max_norm``.
+
+    .. code-block:: text
+
+        n = sqrt(sum_i ||g_i||^2);  g_i <- g_i * max_norm * min(1/n, 1/max_norm)
+
+    This is Keras's ``global_clipnorm`` formula. It equals ``optax.clip_by_global_norm``
+    up to rounding; any non-finite gradient makes every output NaN in both.
+
+    Args:
+      max_norm: the threshold, > 0.
+    """
+    _hyper.check_scalar("global_clipnorm", max_norm, lo=0.0, lo_open=True)
+
+    def update_fn(updates, state, params=None):
+        del params
+        c = jnp.asarray(max_norm, jnp.float32)
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        scale = global_clip_scale(global_norm(leaves), c)
+        out = [(g.astype(scale.dtype) * scale).astype(g.dtype) for g in leaves]
+        return jax.tree_util.tree_unflatten(treedef, out), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def clip_leaf_by_value(g: jax.Array, c: jax.Array) -> jax.Array:
+    """Keras ``clipvalue``: ``clip(g, -c, c)`` (exact)."""
+    return jnp.clip(g, -c.astype(g.dtype), c.astype(g.dtype))

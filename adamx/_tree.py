@@ -1,0 +1,137 @@
+"""Pytree helpers: path names, grads/params matching, sparse gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import sparse as jsparse
+
+PyTree = Any
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A key path as ``a/b/0/c``: the form matched by ``exclude_from_weight_decay``."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:  # pragma: no cover - future key types
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """The ``path_str`` of every leaf of ``tree``, in flattening order."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [path_str(p) for p, _ in leaves]
+
+
+def _is_sparse(x: Any) -> bool:
+    return isinstance(x, jsparse.BCOO)
+
+
+def _describe(x: Any) -> str:
+    if x is None:
+        return "None"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__}{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def _first_mismatch(grads: PyTree, params: PyTree) -> str:
+    """Walk both trees side by side and describe the first place they differ."""
+    g_leaves = jax.tree_util.tree_flatten_with_path(grads, is_leaf=_is_sparse)[0]
+    p_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    g_map = {path_str(p): v for p, v in g_leaves}
+    p_map = {path_str(p): v for p, v in p_leaves}
+    for path, _ in p_leaves:
+        key = path_str(path)
+        if key not in g_map:
+            return f"params has a leaf at '{key}' that grads does not have"
+    for path, v in g_leaves:
+        key = path_str(path)
+        if key not in p_map:
+            return f"grads has a leaf at '{key}' ({_describe(v)}) that params does not have"
+    return (
+        "the trees have the same leaf paths but different structure: grads "
+        f"{jax.tree_util.tree_structure(grads)} vs params {jax.tree_util.tree_structure(params)}"
+    )
+
+
+def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], jax.tree_util.PyTreeDef]:
+    """Flatten ``grads`` up to the structure of ``params``.
+
+    Returns ``(grad_leaves, param_leaves, treedef)`` where ``treedef`` is the
+    structure of ``params``. A grads leaf may be ``None`` where params has an array
+    (Keras: "gradient does not exist", the variable is left alone) or a
+    ``jax.experimental.sparse.BCOO`` (summed to dense). Anything else that does not
+    line up raises ``ValueError`` naming the first mismatching path.
+    """
+    treedef = jax.tree_util.tree_structure(params)
+    try:
+        g_leaves = treedef.flatten_up_to(grads)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"grads do not match params: {_first_mismatch(grads, params)}"
+        ) from e
+    p_leaves = treedef.flatten_up_to(params)
+    paths = None
+    out = []
+    for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
+        if g is None:
+            out.append(None)
+            continue
+        if _is_sparse(g):
+            g = g.todense()
+        elif not hasattr(g, "shape"):
+            # a nested subtree where params has a leaf
+            paths = paths or leaf_paths(params)
+            raise ValueError(
+                f"grads do not match params at '{paths[i]}': grads has {_describe(g)}, "
+                f"params has {_describe(p)}"
+            )
+        if tuple(g.shape) != tuple(jnp.shape(p)):
+            paths = paths or leaf_paths(params)
+            raise ValueError(
+                f"grads do not match params at '{paths[i]}': grads has shape "
+                f"{tuple(g.shape)}, params has shape {tuple(jnp.shape(p))}"
+            )
+        out.append(g)
+    return out, p_leaves, treedef
+
+
+def leaves_like(tree_leaves: list[Any], ref_treedef: jax.tree_util.PyTreeDef) -> PyTree:
+    return jax.tree_util.tree_unflatten(ref_treedef, tree_leaves)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype adamx does arithmetic in for a parameter of ``dtype``: float32 at least."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def state_dtype(param_dtype: Any, requested: Any | None) -> jnp.dtype:
+    """Dtype of a per-parameter optimizer buffer: the requested one, else the compute dtype."""
+    if requested is not None:
+        return jnp.dtype(requested)
+    return compute_dtype(param_dtype)
+
+
+def zeros_like(p: Any, dtype: Any) -> jax.Array:
+    """Fresh zeros with ``p``'s shape (and sharding, when it has one)."""
+    return jnp.zeros_like(p, dtype=dtype)
+
+
+def fresh_copy(p: Any, dtype: Any) -> jax.Array:
+    """A copy of ``p`` in ``dtype`` that never aliases ``p``'s buffer (safe under donation)."""
+    return jnp.array(p, dtype=dtype, copy=True)

@@ -1,0 +1,257 @@
+"""Keras 3's learning-rate schedules, as optax schedules ``count -> value``.
+
+Each class computes exactly what ``keras.optimizers.schedules.<Name>`` computes (same
+float32 operations, same boundary rules), is a plain callable usable anywhere optax
+takes a schedule, and writes/reads Keras's serialized form
+(``{'module': 'keras.optimizers.schedules', 'class_name': ..., 'config': ...}``).
+
+``adamx.adam`` calls a schedule with the number of ``update`` calls made before this
+one, as Keras calls it with ``optimizer.iterations`` before the increment: the first
+step uses ``schedule(0)``.
+
+Example:
+  >>> import adamx
+  >>> sched = adamx.schedules.PiecewiseConstantDecay([5, 15], [0.01, 0.005, 0.001])
+  >>> [round(float(sched(s)), 4) for s in (0, 5, 6, 15, 16)]
+  [0.01, 0.01, 0.005, 0.005, 0.001]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Optional, Sequence
+
+import jax.numpy as jnp
+
+_MODULE = "keras.optimizers.schedules"
+
+
+def _f32(x: Any) -> Any:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _positive(name: str, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"Argument `{name}` must be > 0. Received: {name}={value}")
+
+
+class KerasSchedule:
+    """Base: a callable ``count -> learning rate`` with Keras's ``get_config``."""
+
+    class_name: ClassVar[str]
+    _fields: ClassVar[tuple[str, ...]]
+
+    def __call__(self, count: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self._fields}
+
+    def serialize(self) -> dict[str, Any]:
+        """Keras's serialized form, as found in ``Adam.get_config()['learning_rate']``."""
+        return {"module": _MODULE, "class_name": self.class_name, "config": self.get_config(), "registered_name": None}
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(sorted(self.get_config().items()))))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ExponentialDecay(KerasSchedule):
+    """``initial_learning_rate * decay_rate ** (step / decay_steps)`` (floored if ``staircase``)."""
+
+    class_name = "ExponentialDecay"
+    _fields = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False, name: str = "ExponentialDecay"):
+        _positive("decay_steps", decay_steps)
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.decay_rate = decay_rate
+        self.staircase = staircase
+        self.name = name
+
+    def __call__(self, count: Any) -> Any:
+        p = _f32(count) / _f32(self.decay_steps)
+        if self.staircase:
+            p = jnp.floor(p)
+        return _f32(self.initial_learning_rate) * jnp.power(_f32(self.decay_rate), p)
+
+
+class PiecewiseConstantDecay(KerasSchedule):
+    """``values[0]`` while ``step <= boundaries[0]``, ``values[i]`` on ``(b[i-1], b[i]]``, ``values[-1]`` after."""
+
+    class_name = "PiecewiseConstantDecay"
+    _fields = ("boundaries", "values", "name")
+
+    def __init__(self, boundaries: Sequence[Any], values: Sequence[float], name: str = "PiecewiseConstant"):
+        if len(boundaries) != len(values) - 1:
+            raise ValueError(
+                "The length of boundaries should be 1 less than the length of values. "
+                f"Received: boundaries={boundaries} of length {len(boundaries)}, and "
+                f"values={values} of length {len(values)}."
+            )
+        self.boundaries = list(boundaries)
+        self.values = list(values)
+        self.name = name
+
+    def __call__(self, count: Any) -> Any:
+        step = jnp.asarray(count)
+        b = [jnp.asarray(x).astype(step.dtype) for x in self.boundaries]
+        vals = [_f32(v) for v in self.values]
+        out = (step <= b[0]).astype(jnp.float32) * vals[0]
+        out = out + (step > b[-1]).astype(jnp.float32) * vals[-1]
+        for low, high, v in zip(b[:-1], b[1:], vals[1:-1]):
+            out = out + ((step > low) & (step <= high)).astype(jnp.float32) * v
+        return out
+
+
+class PolynomialDecay(KerasSchedule):
+    """``(init - end) * (1 - step/decay_steps) ** power + end``; ``cycle`` restarts at multiples."""
+
+    class_name = "PolynomialDecay"
+    _fields = ("initial_learning_rate", "decay_steps", "end_learning_rate", "power", "cycle", "name")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, end_learning_rate: float = 0.0001, power: float = 1.0, cycle: bool = False, name: str = "PolynomialDecay"):
+        _positive("decay_steps", decay_steps)
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.end_learning_rate = end_learning_rate
+        self.power = power
+        self.cycle = cycle
+        self.name = name
+
+    def __call__(self, count: Any) -> Any:
+        init = _f32(self.initial_learning_rate)
+        end = _f32(self.end_learning_rate)
+        step = _f32(count)
+        steps = _f32(self.decay_steps)
+        if self.cycle:
+            mult = jnp.where(step == 0, 1.0, jnp.ceil(step / self.decay_steps))
+            steps = steps * mult
+        else:
+            step = jnp.minimum(step, steps)
+        p = step / steps
+        return (init - end) * jnp.power(1 - p, _f32(self.power)) + end
+
+
+class InverseTimeDecay(KerasSchedule):
+    """``initial_learning_rate / (1 + decay_rate * step / decay_steps)`` (floored if ``staircase``)."""
+
+    class_name = "InverseTimeDecay"
+    _fields = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False, name: str = "InverseTimeDecay"):
+        _positive("decay_steps", decay_steps)
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.decay_rate = decay_rate
+        self.staircase = staircase
+        self.name = name
+
+    def __call__(self, count: Any) -> Any:
+        p = _f32(count) / _f32(self.decay_steps)
+        if self.staircase:
+            p = jnp.floor(p)
+        return _f32(self.initial_learning_rate) / (_f32(1) + _f32(self.decay_rate) * p)
+
+
+class CosineDecay(KerasSchedule):
+    """Cosine decay to ``alpha * lr`` over ``decay_steps``, after an optional linear warmup."""
+
+    class_name = "CosineDecay"
+    _fields = ("initial_learning_rate", "decay_steps", "alpha", "name", "warmup_target", "warmup_steps")
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, alpha: float = 0.0, name: str = "CosineDecay", warmup_target: Optional[float] = None, warmup_steps: int = 0):
+        _positive("decay_steps", decay_steps)
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.alpha = alpha
+        self.name = name
+        self.warmup_target = warmup_target
+        self.warmup_steps = warmup_steps
+
+    def _decay(self, step: Any, decay_steps: Any, from_lr: Any) -> Any:
+        frac = step / decay_steps
+        cosine = 0.5 * (1.0 + jnp.cos(_f32(math.pi) * frac))
+        return from_lr * ((1 - self.alpha) * cosine + self.alpha)
+
+    def __call__(self, count: Any) -> Any:
+        init = _f32(self.initial_learning_rate)
+        decay_steps = _f32(self.decay_steps)
+        step = _f32(count)
+        if self.warmup_target is None:
+            return self._decay(jnp.minimum(step, decay_steps), decay_steps, init)
+        target = _f32(self.warmup_target)
+        warm = _f32(self.warmup_steps)
+        step = jnp.minimum(step, decay_steps + warm)
+        warmup = (target - init) * (step / warm) + init
+        return jnp.where(step < warm, warmup, self._decay(step - warm, decay_steps, target))
+
+
+class CosineDecayRestarts(KerasSchedule):
+    """SGDR: cosine decay restarting after ``first_decay_steps * t_mul**i`` steps, scaled by ``m_mul**i``."""
+
+    class_name = "CosineDecayRestarts"
+    _fields = ("initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "name")
+
+    def __init__(self, initial_learning_rate: float, first_decay_steps: int, t_mul: float = 2.0, m_mul: float = 1.0, alpha: float = 0.0, name: str = "SGDRDecay"):
+        _positive("first_decay_steps", first_decay_steps)
+        self.initial_learning_rate = initial_learning_rate
+        self.first_decay_steps = first_decay_steps
+        self.t_mul = t_mul
+        self.m_mul = m_mul
+        self.alpha = alpha
+        self.name = name
+
+    def __call__(self, count: Any) -> Any:
+        init = _f32(self.initial_learning_rate)
+        alpha = _f32(self.alpha)
+        t_mul = _f32(self.t_mul)
+        m_mul = _f32(self.m_mul)
+        frac = _f32(count) / _f32(self.first_decay_steps)
+        if self.t_mul == 1.0:
+            i_restart = jnp.floor(frac)
+            frac = frac - i_restart
+        else:
+            i_restart = jnp.floor(jnp.log(1.0 - frac * (1.0 - t_mul)) / jnp.log(t_mul))
+            sum_r = (1.0 - jnp.power(t_mul, i_restart)) / (1.0 - t_mul)
+            frac = (frac - sum_r) / jnp.power(t_mul, i_restart)
+        m_fac = jnp.power(m_mul, i_restart)
+        cosine = 0.5 * m_fac * (1.0 + jnp.cos(_f32(math.pi) * frac))
+        return init * ((1 - alpha) * cosine + alpha)
+
+
+SCHEDULES: dict[str, type[KerasSchedule]] = {
+    c.class_name: c
+    for c in (ExponentialDecay, PiecewiseConstantDecay, PolynomialDecay, InverseTimeDecay, CosineDecay, CosineDecayRestarts)
+}
+
+
+def deserialize(config: dict[str, Any]) -> KerasSchedule:
+    """Build a schedule from Keras's serialized dict (``{'class_name': ..., 'config': ...}``)."""
+    if not isinstance(config, dict) or "class_name" not in config or "config" not in config:
+        raise ValueError(f"A serialized schedule needs 'class_name' and 'config' keys, got {config!r}.")
+    name = config["class_name"]
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"Unknown learning-rate schedule {name!r}; adamx knows {sorted(SCHEDULES)}."
+        )
+    return SCHEDULES[name](**config["config"])
+
+
+__all__ = [
+    "KerasSchedule",
+    "ExponentialDecay",
+    "PiecewiseConstantDecay",
+    "PolynomialDecay",
+    "InverseTimeDecay",
+    "CosineDecay",
+    "CosineDecayRestarts",
+    "deserialize",
+]
