@@ -53,8 +53,8 @@ def ema_step(
         overwrite = (it + 1) % overwrite_frequency == 0
     new_u, new_avg = [], []
     for p, u, a in zip(p_leaves, u_leaves, avg_leaves):
-        p_new = p if u is None else optax.apply_updates(p, u)
-        a_new = mom.astype(a.dtype) * a + one_m.astype(a.dtype) * p_new.astype(a.dtype)
+        p_new = p.astype(a.dtype) if u is None else _tree.rounded_sum(p, u, a.dtype)
+        a_new = mom.astype(a.dtype) * a + one_m.astype(a.dtype) * p_new
         new_avg.append(a_new)
         if overwrite is not None:
             pdt = jnp.asarray(p).dtype

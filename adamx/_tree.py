@@ -117,7 +117,22 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         return jnp.dtype(jnp.float32)
-    return jnp.promote_types(dtype, jnp.float32)
+    return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def rounded_sum(p: jax.Array, u: jax.Array, dtype: Any) -> jax.Array:
+    """``optax.apply_updates(p, u)`` as the stored params will hold it, returned in ``dtype``.
+
+    For bfloat16/float16 params XLA may keep ``p + u`` in float32 inside a fusion
+    (excess precision); ``reduce_precision`` pins the rounding to the param dtype so an
+    average of the params sees exactly the values the params take.
+    """
+    pdt = jnp.dtype(p.dtype)
+    s = p.astype(dtype) + u.astype(pdt).astype(dtype)
+    if pdt.itemsize < jnp.dtype(dtype).itemsize and jnp.issubdtype(pdt, jnp.floating):
+        fi = jnp.finfo(pdt)
+        s = jax.lax.reduce_precision(s, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    return s
 
 
 def state_dtype(param_dtype: Any, requested: Any | None) -> jnp.dtype:
