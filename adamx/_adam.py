@@ -339,7 +339,7 @@ def adamw(
     *,
     mu_dtype: Any | None = None,
     nu_dtype: Any | None = None,
-    name: str = "adamw",
+    name: str = "adam_w",
 ) -> Adam:
     """Keras 3's ``AdamW``: :func:`adam` with ``weight_decay=0.004`` by default.
 

@@ -155,7 +155,9 @@ def scale_by_adam(
     def update_fn(updates: optax.Updates, state: ScaleByAdamState, params: Any = None):
         del params
         g_leaves, _, treedef = _tree.align_grads(updates, state.mu)
-        sc = adam_scalars(b1, b2, eps, eps_root, state.count, alpha_lr=1.0, keras_rounding=(form == "kernel"))
+        sc = adam_scalars(
+            b1, b2, eps, eps_root, state.count, alpha_lr=1.0, keras_rounding=(form == "kernel"), mode=epsilon_mode
+        )
         mu_l = treedef.flatten_up_to(state.mu)
         nu_l = treedef.flatten_up_to(state.nu)
         nm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(mu_l)
