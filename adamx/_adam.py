@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ class AdamState(NamedTuple):
     these six fields.
     """
 
-    count: jax.Array  # shape=(), dtype=int32; update() calls so far (micro-steps under accumulation), saturating
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; update() calls so far (micro-steps under accumulation), saturating
     mu: optax.Updates  # first moment, like params; mu_dtype (default float32 for f32/bf16/f16 params)
     nu: optax.Updates  # second moment, like params; nu_dtype (default as mu)
     nu_max: Optional[optax.Updates]  # amsgrad: running max of raw nu, else None

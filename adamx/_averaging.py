@@ -14,7 +14,7 @@ from adamx import _hyper, _tree
 class EmaParamsState(NamedTuple):
     """State of :func:`ema_params`. Field names are the checkpoint format."""
 
-    count: jax.Array  # shape=(), dtype=int32; update() calls so far, saturating
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; update() calls so far, saturating
     ema: optax.Params  # moving average of params; float32 for bf16/f16/f32 params
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp

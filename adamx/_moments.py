@@ -70,7 +70,7 @@ def direction(
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`. Field names are the checkpoint format."""
 
-    count: jax.Array  # shape=(), dtype=int32; completed steps, saturating
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; completed steps, saturating
     mu: optax.Updates  # first moment, like params, dtype mu_dtype
     nu: optax.Updates  # second moment, like params, dtype nu_dtype
     nu_max: Optional[optax.Updates]  # AMSGrad: running max of raw nu; None without amsgrad
@@ -161,7 +161,10 @@ def scale_by_adam(
         mu_l = treedef.flatten_up_to(state.mu)
         nu_l = treedef.flatten_up_to(state.nu)
         nm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(mu_l)
-        out, mu_n, nu_n, nm_n = [], [], [], []
+        out: list[Any] = []
+        mu_n: list[Any] = []
+        nu_n: list[Any] = []
+        nm_n: list[Any] = []
         for g, m, v, vm in zip(g_leaves, mu_l, nu_l, nm_l):
             if g is None:
                 out.append(None)

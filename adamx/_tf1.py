@@ -15,7 +15,7 @@ from adamx import _hyper, _moments, _tree
 class Tf1AdamState(NamedTuple):
     """State of :func:`tf1_adam`. Field names are the checkpoint format."""
 
-    count: jax.Array  # shape=(), dtype=int32; steps so far (for schedules), saturating
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; steps so far (for schedules), saturating
     beta1_power: jax.Array  # shape=(), dtype=float32; running product, starts at beta1
     beta2_power: jax.Array  # shape=(), dtype=float32; running product, starts at beta2
     mu: optax.Updates  # TF's slot "m"

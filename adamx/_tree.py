@@ -75,7 +75,7 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
     ``jax.experimental.sparse.BCOO`` (summed to dense). Anything else that does not
     line up raises ``ValueError`` naming the first mismatching path.
     """
-    treedef = jax.tree_util.tree_structure(params)
+    treedef: Any = jax.tree_util.tree_structure(params)
     try:
         g_leaves = treedef.flatten_up_to(grads)
     except (ValueError, TypeError) as e:
@@ -84,7 +84,7 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
         ) from e
     p_leaves = treedef.flatten_up_to(params)
     paths = None
-    out = []
+    out: list[Any] = []
     for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
         if g is None:
             out.append(None)

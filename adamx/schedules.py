@@ -19,7 +19,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional
 
 import jax.numpy as jnp
 
