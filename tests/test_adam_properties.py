@@ -322,3 +322,43 @@ def test_extreme_betas_are_finite(b1, b2):
     opt = adamx.adam(beta_1=b1, beta_2=b2)
     u, _ = opt.update({"w": jnp.array([0.0, 1.0, -2.0])}, opt.init(params), params)
     assert np.isfinite(np.asarray(u["w"])).all()
+
+
+def test_every_numeric_hyperparameter_changes_without_recompiling():
+    """optax.inject_hyperparams puts every numeric argument in the state: change it, no retrace."""
+    make = optax.inject_hyperparams(adamx.adam, hyperparam_dtype=jnp.float32)
+    opt = make(
+        learning_rate=0.01,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=True,
+        weight_decay=0.01,
+        global_clipnorm=1.0,
+        use_ema=True,
+        ema_momentum=0.9,
+        ema_overwrite_frequency=3,
+        loss_scale_factor=2.0,
+        gradient_accumulation_steps=2,
+    )
+    params = {"w": jnp.ones(3)}
+    traces = []
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)
+        u, s = opt.update({"w": jnp.full(3, 0.5)}, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = opt.init(params)
+    assert set(state.hyperparams) >= {"learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay", "ema_momentum"}
+    history = []
+    for i in range(4):
+        if i == 2:  # calls 3-4 are the second accumulation window; no EMA overwrite falls in it
+            state.hyperparams["learning_rate"] = jnp.asarray(0.0, jnp.float32)
+            state.hyperparams["beta_1"] = jnp.asarray(0.8, jnp.float32)
+        params, state = step(params, state)
+        history.append(params["w"])
+    assert float(history[1][0]) < 1.0  # the first window moved the params
+    np.testing.assert_array_equal(np.asarray(history[3]), np.asarray(history[1]))  # lr = 0: no move
+    assert len(traces) == 1
