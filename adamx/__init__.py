@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from adamx import schedules as schedules
+from adamx import sharding as sharding
 from adamx._adam import Adam as Adam
 from adamx._adam import AdamState as AdamState
 from adamx._adam import adam as adam
@@ -40,6 +41,7 @@ __all__ = [
     "finalize_variable_values",
     "from_keras_config",
     "schedules",
+    "sharding",
     "scale_by_adam",
     "tf1_adam",
     "to_keras_config",

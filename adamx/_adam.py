@@ -274,7 +274,7 @@ def adam(
         def micro_step(g_l, acc_l, mu_l, nu_l, nm_l):
             acc_l = [a if g is None else a + g.astype(a.dtype) for g, a in zip(g_l, acc_l)]
             u_l = [
-                None if g is None else jnp.zeros(g.shape, g.dtype if p is None else jnp.asarray(p).dtype)
+                None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.asarray(p).dtype)
                 for g, p in zip(g_l, p_l)
             ]
             return u_l, acc_l, mu_l, nu_l, nm_l

@@ -144,5 +144,14 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
     """
     for node in jax.tree_util.tree_leaves(opt_state, is_leaf=_has_ema):
         if _has_ema(node) and node.ema is not None:
-            return jax.tree.map(lambda p, a: a.astype(jnp.asarray(p).dtype), params, node.ema)
+            # match leaves in order, not structure: params may be wrapped (flax nnx Param vs OptVariable)
+            p_leaves, treedef = jax.tree_util.tree_flatten(params)
+            a_leaves = jax.tree_util.tree_leaves(node.ema)
+            if len(a_leaves) != len(p_leaves):
+                raise ValueError(
+                    f"params has {len(p_leaves)} leaves but the optimizer's averages have {len(a_leaves)}."
+                )
+            return jax.tree_util.tree_unflatten(
+                treedef, [a.astype(jnp.asarray(p).dtype) for p, a in zip(p_leaves, a_leaves)]
+            )
     return params

@@ -16,33 +16,38 @@ shapes, so it applies to any optax state (``optax.chain``, ``inject_hyperparams`
   dimension divisible by the axis size (and not already sharded); leaves with no such
   dimension (scalars such as ``count``, small biases) stay replicated.
 * :func:`replicated_sharding` -- ``P()`` for every leaf (the parameters under ZeRO-1).
-* :func:`zero1` -- wraps an optimizer so ``init`` and ``update`` place the state with
-  :func:`zero1_state_sharding`. With an ``Explicit`` mesh axis (``jax.make_mesh``'s
-  default) this wrapper is needed: the update must run in the sharded layout, or
-  ``lax.cond`` branches and element-wise ops would see mismatched shardings. With an
-  ``Auto`` axis, ``jit(..., out_shardings=...)`` alone is enough; the wrapper does no harm.
+* :func:`zero1` -- wraps an optimizer so ``init`` and ``update`` keep the state in the
+  :func:`zero1_state_sharding` layout, running the update in that layout. Use it with an
+  ``Explicit`` mesh axis (``jax.make_mesh``'s default), where shardings are part of the
+  array types and cannot be left to the compiler. With an ``Auto`` axis,
+  ``jit(..., out_shardings=...)`` alone is enough (XLA propagates); the wrapper does no harm.
 * :func:`bytes_per_device` -- memory a tree occupies on each device, from ``addressable_shards``.
 
 Example (8 devices, e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on CPU)::
 
     import jax, jax.numpy as jnp, optax, adamx
-    from adamx.sharding import zero1, zero1_state_sharding, replicated_sharding
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from adamx.sharding import bytes_per_device, replicated_sharding, zero1
 
-    mesh = jax.make_mesh((8,), ("data",))
+    mesh = jax.make_mesh((8,), ("data",))                 # Explicit axes
     tx = zero1(adamx.adam(1e-3, amsgrad=True, use_ema=True), mesh, axis="data")
+    loss = lambda p, x: jnp.mean((x @ p["w"] + p["b"]) ** 2)
+
     with jax.set_mesh(mesh):
-        params = {"w": jnp.zeros((1024, 64)), "b": jnp.zeros(64)}
+        params = {"w": jnp.ones((1024, 64)), "b": jnp.zeros(64)}
         params = jax.device_put(params, replicated_sharding(params, mesh))
-        state = jax.jit(tx.init)(params)           # mu/nu/nu_max/ema["w"]: P("data", None)
+        state = jax.jit(tx.init)(params)                  # mu/nu/nu_max/ema["w"]: P("data", None)
 
         @jax.jit
-        def step(params, state, batch):
-            grads = jax.grad(loss)(params, batch)
-            updates, state = tx.update(grads, state, params)
+        def step(params, state, x):
+            updates, state = tx.update(jax.grad(loss)(params, x), state, params)
             return optax.apply_updates(params, updates), state
 
-    # state["w"] buffers take 1/8 of the memory on each device; the parameters stay
-    # replicated and equal those of the unsharded run (to float32 rounding).
+        x = jax.device_put(jnp.ones((32, 1024)), NamedSharding(mesh, P("data")))
+        params, state = step(params, state, x)
+
+    print(bytes_per_device(state))  # 1/8 of the replicated state's bytes on each device
+    # the params stay replicated and equal those of the unsharded run (to float32 rounding)
 """
 
 from __future__ import annotations
@@ -113,13 +118,14 @@ def zero1_partition_spec(
     or when ``base`` already uses ``axis``, ``base`` is returned unchanged.
 
     Example:
+      >>> from jax.sharding import PartitionSpec as P
       >>> from adamx.sharding import zero1_partition_spec
-      >>> zero1_partition_spec((6, 16), 8)
-      PartitionSpec(None, 'data')
-      >>> zero1_partition_spec((3,), 8)
-      PartitionSpec(None,)
-      >>> zero1_partition_spec((16, 4), 8, base=("model", None))
-      PartitionSpec('model', None)
+      >>> zero1_partition_spec((6, 16), 8) == P(None, "data")
+      True
+      >>> zero1_partition_spec((3,), 8) == P(None)
+      True
+      >>> zero1_partition_spec((16, 4), 8, base=("model", None)) == P("model", None)
+      True
     """
     spec = list(base) if base is not None else [None] * len(shape)
     spec += [None] * (len(shape) - len(spec))
@@ -154,8 +160,8 @@ def zero1_state_sharding(tree: Any, mesh: Mesh, axis: str = "data") -> Any:
       >>> params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
       >>> abstract = jax.eval_shape(adamx.adam(amsgrad=True).init, params)
       >>> sh = zero1_state_sharding(abstract, mesh)
-      >>> sh.mu["w"].spec, sh.count.spec, sh.acc
-      (PartitionSpec('data', None), PartitionSpec(), None)
+      >>> sh.mu["w"].spec == jax.sharding.PartitionSpec("data", None), sh.count.is_fully_replicated, sh.acc
+      (True, True, None)
     """
     size = _axis_size(mesh, axis)
 
@@ -177,8 +183,8 @@ def replicated_sharding(tree: Any, mesh: Mesh) -> Any:
       >>> import jax, jax.numpy as jnp
       >>> from adamx.sharding import replicated_sharding
       >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
-      >>> replicated_sharding({"w": jnp.zeros(3)}, mesh)["w"].spec
-      PartitionSpec()
+      >>> replicated_sharding({"w": jnp.zeros(3)}, mesh)["w"].is_fully_replicated
+      True
     """
     rep = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda x: rep if _is_array_like(x) else x, tree)
@@ -216,12 +222,10 @@ def zero1(inner: optax.GradientTransformation, mesh: Mesh, axis: str = "data") -
     """Run ``inner`` with its state sharded ZeRO-1 style over ``mesh``'s ``axis``.
 
     ``init`` places the state with :func:`zero1_state_sharding`. ``update`` moves the
-    gradients and parameters to the same layout as the state (on one device, a slice
-    of a replicated array costs nothing; for the gradients XLA emits a
-    reduce-scatter where they are partial sums), runs ``inner.update`` there, keeps the
-    new state in that layout and returns the updates in the parameters' own sharding
-    (an all-gather), so ``optax.apply_updates`` and every wrapper (``TrainState``,
-    ``nnx.Optimizer`` ...) work unchanged.
+    gradients and parameters to the same layout as the state (slicing a replicated
+    array is free), runs ``inner.update`` there, keeps the new state in that layout and
+    returns the updates in the parameters' own sharding (an all-gather), so
+    ``optax.apply_updates`` and wrappers such as Flax's ``TrainState`` work unchanged.
 
     Every reduction ``inner`` does (``global_clipnorm``'s norm) is over the global
     arrays, so the result equals the unsharded one up to float32 summation order.
@@ -237,7 +241,7 @@ def zero1(inner: optax.GradientTransformation, mesh: Mesh, axis: str = "data") -
       >>> params = {"w": jnp.array([1.0, -2.0])}
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.array([2.0, -4.0])}, state, params)
-      >>> optax.apply_updates(params, updates)["w"].round(4).tolist()
+      >>> [round(float(v), 4) for v in optax.apply_updates(params, updates)["w"]]
       [0.9, -1.9]
     """
     _axis_size(mesh, axis)
