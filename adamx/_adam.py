@@ -177,7 +177,7 @@ def adam(
       >>> state = opt.init(params)
       >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
       >>> updates, state = opt.update(grads, state, params)
-      >>> optax.apply_updates(params, updates)["w"].round(4).tolist()
+      >>> [round(float(x), 4) for x in optax.apply_updates(params, updates)["w"]]
       [0.9, -1.9]
     """
     hp = dict(

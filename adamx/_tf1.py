@@ -67,7 +67,7 @@ def tf1_adam(
       >>> opt = adamx.tf1_adam(0.1)
       >>> params = jnp.array([1.0])
       >>> u, s = opt.update(jnp.array([2.0]), opt.init(params), params)
-      >>> optax.apply_updates(params, u).round(4).tolist()
+      >>> [round(float(x), 4) for x in optax.apply_updates(params, u)]
       [0.9]
     """
     _hyper.check_scalar("learning_rate", learning_rate, lo=0.0, allow_schedule=True)

@@ -43,7 +43,7 @@ OPTS = {
 OPT_PARAMS = [
     pytest.param("plain"),
     pytest.param("all_but_accumulation"),
-    "full",
+    pytest.param("full"),
 ]
 STATE_FIELDS = ("mu", "nu", "nu_max", "acc", "ema")
 # tensor-parallel layout: every param split over "model" (contracting dimensions left whole)
