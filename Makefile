@@ -20,7 +20,7 @@ demo: $(VENV)/.base
 	$(PY) examples/mnist_mlp.py
 
 lint: $(VENV)/.base
-	$(VENV)/bin/ruff check adamx tests examples benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: lint
