@@ -24,7 +24,7 @@ lint: $(VENV)/.base
 	$(VENV)/bin/mypy
 
 test: lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 $(VENV)/bin/pytest -q
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py --quick

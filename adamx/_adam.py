@@ -42,6 +42,16 @@ class Adam(optax.GradientTransformationExtraArgs):
 
         return to_keras_config(self)
 
+    def apply_gradients(self, grads: optax.Updates, state: Any, params: optax.Params) -> tuple[Any, Any]:
+        """``update`` then ``optax.apply_updates`` in one call: ``(new_params, new_state)``.
+
+        Same numbers as the two calls; on CPU one fused in-place pass over all leaves
+        (see :func:`adamx._fused.apply_gradients`, docs/performance.md).
+        """
+        from adamx._fused import apply_gradients
+
+        return apply_gradients(self, grads, state, params)
+
 
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 
