@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quick clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ test: lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 $(VENV)/bin/pytest -q
 
 bench: $(VENV)/.bench
+	$(PY) benchmarks/run.py
+	$(PY) benchmarks/convergence.py
+
+bench-quick: $(VENV)/.bench
 	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/convergence.py --quick --out benchmarks/results/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

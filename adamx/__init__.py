@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from adamx import fused as fused
 from adamx import schedules as schedules
 from adamx import sharding as sharding
 from adamx._adam import Adam as Adam
@@ -16,6 +17,7 @@ from adamx._clipping import clip_by_norm as clip_by_norm
 from adamx._config import from_keras_config as from_keras_config
 from adamx._config import to_keras_config as to_keras_config
 from adamx._decay import decoupled_weight_decay as decoupled_weight_decay
+from adamx._flat import FlatBuffers as FlatBuffers
 from adamx._moments import ScaleByAdamState as ScaleByAdamState
 from adamx._moments import scale_by_adam as scale_by_adam
 from adamx._tf1 import Tf1AdamState as Tf1AdamState
@@ -30,6 +32,7 @@ __all__ = [
     "Adam",
     "AdamState",
     "EmaParamsState",
+    "FlatBuffers",
     "ScaleByAdamState",
     "Tf1AdamState",
     "adam",
@@ -39,6 +42,7 @@ __all__ = [
     "decoupled_weight_decay",
     "ema_params",
     "finalize_variable_values",
+    "fused",
     "from_keras_config",
     "schedules",
     "sharding",

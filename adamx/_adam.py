@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adamx import _averaging, _clipping, _decay, _hyper, _moments, _tree
+from adamx import _averaging, _clipping, _decay, _flat, _hyper, _moments, _tree
 
 
 class AdamState(NamedTuple):
@@ -20,6 +20,7 @@ class AdamState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; update() calls so far (micro-steps under accumulation), saturating
+    # With flat_state=True each of the five buffer fields is an adamx.FlatBuffers instead of a tree.
     mu: optax.Updates  # first moment, like params; mu_dtype (default float32 for f32/bf16/f16 params)
     nu: optax.Updates  # second moment, like params; nu_dtype (default as mu)
     nu_max: Optional[optax.Updates]  # amsgrad: running max of raw nu, else None
@@ -111,6 +112,7 @@ def adam(
     *,
     mu_dtype: Any | None = None,
     nu_dtype: Any | None = None,
+    flat_state: bool = False,
     name: str = "adam",
 ) -> Adam:
     r"""Adam with Keras 3's arguments, defaults and semantics.
@@ -174,6 +176,12 @@ def adam(
       weight_decay_mask: pytree of bools or callable ``params -> pytree``: ``True``
         leaves are decayed (optax convention).
       mu_dtype, nu_dtype: storage dtypes of the moments (e.g. ``jnp.bfloat16``).
+      flat_state: keep each per-parameter state field (``mu``, ``nu``, ``nu_max``,
+        ``acc``, ``ema``) as one flat 1-D buffer per dtype (:class:`adamx.FlatBuffers`,
+        params' leaves in tree order) instead of a tree like params. Same numbers;
+        for models with many parameter tensors a jitted step then passes and compiles
+        far fewer buffers (docs/performance.md). ``update`` then needs ``params``.
+        Meant for single-device state: ZeRO-1 / state sharding helpers expect trees.
       name: kept for ``get_config()``.
 
     Returns:
@@ -215,6 +223,14 @@ def adam(
     decay_on = not _is_off(weight_decay)
     needs_params = decay_on or use_ema
     exclude = list(exclude_from_weight_decay) if exclude_from_weight_decay else None
+
+    field_dtypes: dict[str, Callable[[Any], Any]] = {
+        "mu": lambda p: _tree.state_dtype(p.dtype, mu_dtype),
+        "nu": lambda p: _tree.state_dtype(p.dtype, nu_dtype),
+        "nu_max": lambda p: _tree.state_dtype(p.dtype, nu_dtype),
+        "acc": lambda p: _tree.compute_dtype(p.dtype),
+        "ema": lambda p: _tree.state_dtype(p.dtype, None),
+    }
 
     def init_fn(params: optax.Params) -> AdamState:
         return AdamState(
@@ -325,9 +341,50 @@ def adam(
             return [None if g is None else _clipping.clip_leaf_by_value(g, c) for g in g_l]
         return g_l
 
-    opt = Adam(init_fn, update_fn)
-    opt.hyperparams = dict(hp, mu_dtype=mu_dtype, nu_dtype=nu_dtype, name=name)
+    if flat_state:
+        opt = Adam(_flat_init(init_fn, field_dtypes), _flat_update(update_fn, field_dtypes))
+    else:
+        opt = Adam(init_fn, update_fn)
+    opt.hyperparams = dict(hp, mu_dtype=mu_dtype, nu_dtype=nu_dtype, flat_state=bool(flat_state), name=name)
     return opt
+
+
+_FLAT_FIELDS = ("mu", "nu", "nu_max", "acc", "ema")
+
+
+def _flat_init(init_fn: Callable[[Any], AdamState], dtypes: dict[str, Callable[[Any], Any]]) -> Callable[[Any], AdamState]:
+    def flat_init(params: optax.Params) -> AdamState:
+        tree_state = init_fn(params)
+        leaves = jax.tree_util.tree_leaves(params)
+        new: dict[str, Any] = {}
+        for f in _FLAT_FIELDS:
+            field = getattr(tree_state, f)
+            if field is not None:
+                lay = _flat.layout(leaves, dtypes[f])
+                packed = _flat.pack(jax.tree_util.tree_leaves(field), lay)
+                # never the params' own buffers (a one-leaf pack may be a view of them)
+                new[f] = _flat.FlatBuffers(tuple(jnp.copy(b) for b in packed.buffers)) if f == "ema" else packed
+        return tree_state._replace(**new)
+
+    return flat_init
+
+
+def _flat_update(update_fn: Callable[..., Any], dtypes: dict[str, Callable[[Any], Any]]) -> Callable[..., Any]:
+    def flat_update(grads: optax.Updates, state: AdamState, params: Optional[optax.Params] = None, **extra: Any):
+        if params is None:
+            raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        lays = {f: _flat.layout(leaves, dtypes[f]) for f in _FLAT_FIELDS}
+        as_tree = {
+            f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lays[f]))
+            for f in _FLAT_FIELDS
+            if getattr(state, f) is not None
+        }
+        updates, new = update_fn(grads, state._replace(**as_tree), params, **extra)
+        packed = {f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lays[f]) for f in as_tree}  # type: ignore[attr-defined]
+        return updates, new._replace(**packed)
+
+    return flat_update
 
 
 def adamw(
@@ -350,6 +407,7 @@ def adamw(
     *,
     mu_dtype: Any | None = None,
     nu_dtype: Any | None = None,
+    flat_state: bool = False,
     name: str = "adam_w",
 ) -> Adam:
     """Keras 3's ``AdamW``: :func:`adam` with ``weight_decay=0.004`` by default.
@@ -383,5 +441,6 @@ def adamw(
         weight_decay_mask=weight_decay_mask,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        flat_state=flat_state,
         name=name,
     )

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamx import _hyper, _tree
+from adamx import _flat, _hyper, _tree
 
 
 class EmaParamsState(NamedTuple):
@@ -146,7 +146,11 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
         if _has_ema(node) and node.ema is not None:
             # match leaves in order, not structure: params may be wrapped (flax nnx Param vs OptVariable)
             p_leaves, treedef = jax.tree_util.tree_flatten(params)
-            a_leaves = jax.tree_util.tree_leaves(node.ema)
+            if isinstance(node.ema, _flat.FlatBuffers):  # adamx.adam(flat_state=True)
+                lay = _flat.layout([jnp.asarray(p) for p in p_leaves], lambda p: _tree.state_dtype(p.dtype, None))
+                a_leaves = _flat.unpack(node.ema, lay)
+            else:
+                a_leaves = jax.tree_util.tree_leaves(node.ema)
             if len(a_leaves) != len(p_leaves):
                 raise ValueError(
                     f"params has {len(p_leaves)} leaves but the optimizer's averages have {len(a_leaves)}."

@@ -30,7 +30,7 @@ KERAS3_KEYS = (
 # Keys only older tf.keras (TF 2.x) printed: accepted, and what they mean.
 LEGACY_KEYS = ("decay", "jit_compile", "is_legacy_optimizer", "lr")
 # adamx's own options, written only with include_adamx=True.
-ADAMX_KEYS = ("exclude_from_weight_decay", "mu_dtype", "nu_dtype")
+ADAMX_KEYS = ("exclude_from_weight_decay", "mu_dtype", "nu_dtype", "flat_state")
 
 
 def from_keras_config(config: dict[str, Any]) -> Adam:
@@ -104,7 +104,8 @@ def to_keras_config(opt: Adam, *, include_adamx: bool = False) -> dict[str, Any]
     float32-rounded (``0.001`` -> ``0.0010000000474974513``) and a schedule as its
     serialized dict. Options Keras has no key for (``exclude_from_weight_decay``,
     moment dtypes) raise ``ValueError`` unless ``include_adamx=True``, which adds them
-    as extra keys (read back by :func:`from_keras_config`, not by Keras); a
+    as extra keys (read back by :func:`from_keras_config`, not by Keras; also
+    ``flat_state``, which otherwise is left out: it changes storage, not numbers); a
     ``weight_decay_mask`` or a non-Keras schedule cannot be written at all.
     """
     if not isinstance(opt, Adam):
@@ -126,13 +127,18 @@ def to_keras_config(opt: Adam, *, include_adamx: bool = False) -> dict[str, Any]
     for k in KERAS3_KEYS[2:]:
         v = hp[k]
         out[k] = float(v) if isinstance(v, (np.floating, np.integer)) and not isinstance(v, bool) else v
-    extra = {k: hp[k] for k in ADAMX_KEYS if hp[k] is not None}
+    extra = {k: hp[k] for k in ADAMX_KEYS if hp.get(k) is not None and hp.get(k) is not False}
+    if not include_adamx:
+        extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
     if extra and not include_adamx:
         raise ValueError(
             f"Keras's Adam config has no key for {sorted(extra)}; pass include_adamx=True to add them "
             "(Keras itself will then refuse the config)."
         )
     for k, v in extra.items():
-        out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
+        if k == "flat_state":
+            out[k] = bool(v)
+        else:
+            out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
     return out
 

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from adamx import _clipping, _decay, _hyper, _moments, _tree
+from adamx._flat import FlatBuffers
 
 log = logging.getLogger("adamx")
 
@@ -434,66 +435,88 @@ static void* inplace(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out)
   return dst;
 }
 
-// Args: scalars f32[kNumScalars], clip denominators f32[L], then per leaf
-// p, g, m, v[, vmax][, acc][, ema]. Rets: per leaf p, m, v[, vmax][, acc][, ema].
+// Args: scalars f32[kNumScalars], clip denominators f32[L], then
+//   tree state (flat == 0): per leaf p, g, m, v[, vmax][, acc][, ema];
+//     rets: per leaf p, m, v[, vmax][, acc][, ema];
+//   flat state (flat == 1): m, v[, vmax][, acc][, ema] (1-D, all leaves, leaf i at
+//     offsets[i]), then per leaf p, g; rets: the state buffers, then per leaf p.
 static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> denoms,
                            ffi::RemainingArgs args, ffi::RemainingRets rets, ffi::Span<const int64_t> decay,
-                           int64_t ams, int64_t acc, int64_t ema) {
+                           ffi::Span<const int64_t> offsets, int64_t ams, int64_t acc, int64_t ema, int64_t flat) {
   if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
-  const int64_t nin = 4 + (ams ? 1 : 0) + (acc ? 1 : 0) + (ema ? 1 : 0);
-  const int64_t nout = nin - 1;
+  const int64_t nst = 2 + (ams ? 1 : 0) + (acc ? 1 : 0) + (ema ? 1 : 0);
+  const int64_t nin = flat ? 2 : 2 + nst;
+  const int64_t nout = flat ? 1 : 1 + nst;
+  const int64_t base = flat ? nst : 0;
   const int64_t L = static_cast<int64_t>(decay.size());
-  if (static_cast<int64_t>(args.size()) != L * nin || static_cast<int64_t>(rets.size()) != L * nout)
+  if (static_cast<int64_t>(args.size()) != base + L * nin || static_cast<int64_t>(rets.size()) != base + L * nout)
     return bad("adamx: operand count does not match the number of leaves");
+  if (flat && static_cast<int64_t>(offsets.size()) != L) return bad("adamx: one offset per leaf expected");
   if (static_cast<int64_t>(denoms.element_count()) != L) return bad("adamx: clip operand has the wrong size");
   const Sc sc = read_scalars(scalars.typed_data());
   const float* den = denoms.typed_data();
+  // flat state buffers, in place
+  char* fbuf[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  int64_t fcount[5] = {0, 0, 0, 0, 0};
+  ffi::DataType ftype[5] = {};
+  if (flat) {
+    for (int64_t k = 0; k < nst; ++k) {
+      auto x = args.get<ffi::AnyBuffer>(k);
+      auto xo = rets.get<ffi::AnyBuffer>(k);
+      if (!x || !xo) return bad("adamx: could not decode a state buffer");
+      fbuf[k] = static_cast<char*>(inplace(*x, *xo));
+      fcount[k] = static_cast<int64_t>(x->element_count());
+      ftype[k] = x->element_type();
+    }
+  }
   std::vector<LeafPtrs> leaves(L);
   std::vector<int64_t> sizes(L);
   for (int64_t i = 0; i < L; ++i) {
-    const int64_t a0 = i * nin, r0 = i * nout;
+    const int64_t a0 = base + i * nin, r0 = base + i * nout;
     auto p = args.get<ffi::AnyBuffer>(a0);
     auto g = args.get<ffi::AnyBuffer>(a0 + 1);
-    auto m = args.get<ffi::AnyBuffer>(a0 + 2);
-    auto v = args.get<ffi::AnyBuffer>(a0 + 3);
     auto po = rets.get<ffi::AnyBuffer>(r0);
-    auto mo = rets.get<ffi::AnyBuffer>(r0 + 1);
-    auto vo = rets.get<ffi::AnyBuffer>(r0 + 2);
-    if (!p || !g || !m || !v || !po || !mo || !vo) return bad("adamx: could not decode a leaf");
+    if (!p || !g || !po) return bad("adamx: could not decode a leaf");
     const int64_t n = static_cast<int64_t>(p->element_count());
-    if (static_cast<int64_t>(g->element_count()) != n || static_cast<int64_t>(m->element_count()) != n ||
-        static_cast<int64_t>(v->element_count()) != n)
-      return bad("adamx: leaf buffers differ in size");
+    if (static_cast<int64_t>(g->element_count()) != n) return bad("adamx: leaf buffers differ in size");
+    // state pointers and dtypes: m, v[, vmax][, acc][, ema]
+    void* st[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    ffi::DataType sty[5] = {};
+    for (int64_t k = 0; k < nst; ++k) {
+      if (flat) {
+        const int64_t off = offsets[i];
+        if (off < 0 || off + n > fcount[k]) return bad("adamx: leaf offset outside the flat state");
+        st[k] = fbuf[k] + off * static_cast<int64_t>(ffi::ByteWidth(ftype[k]));
+        sty[k] = ftype[k];
+      } else {
+        auto x = args.get<ffi::AnyBuffer>(a0 + 2 + k);
+        auto xo = rets.get<ffi::AnyBuffer>(r0 + 1 + k);
+        if (!x || !xo || static_cast<int64_t>(x->element_count()) != n) return bad("adamx: bad state buffer");
+        st[k] = inplace(*x, *xo);
+        sty[k] = x->element_type();
+      }
+    }
     LeafPtrs& lp = leaves[i];
-    lp.fn = pick_step(dt_of(p->element_type()), dt_of(g->element_type()), dt_of(m->element_type()),
-                      dt_of(v->element_type()), ams != 0, acc != 0, ema != 0);
+    lp.fn = pick_step(dt_of(p->element_type()), dt_of(g->element_type()), dt_of(sty[0]), dt_of(sty[1]), ams != 0,
+                      acc != 0, ema != 0);
     if (lp.fn == nullptr) return bad("adamx: unsupported dtype combination");
     lp.p = inplace(*p, *po);
     lp.g = g->untyped_data();
-    lp.m = inplace(*m, *mo);
-    lp.v = inplace(*v, *vo);
+    lp.m = st[0];
+    lp.v = st[1];
     lp.vmax = nullptr; lp.acc = nullptr; lp.ema = nullptr;
-    int64_t ai = a0 + 4, ri = r0 + 3;
+    int64_t k = 2;
     if (ams) {
-      auto x = args.get<ffi::AnyBuffer>(ai++);
-      auto xo = rets.get<ffi::AnyBuffer>(ri++);
-      if (!x || !xo || x->element_type() != v->element_type() || static_cast<int64_t>(x->element_count()) != n)
-        return bad("adamx: bad nu_max buffer");
-      lp.vmax = inplace(*x, *xo);
+      if (sty[k] != sty[1]) return bad("adamx: bad nu_max buffer");
+      lp.vmax = st[k++];
     }
     if (acc) {
-      auto x = args.get<ffi::AnyBuffer>(ai++);
-      auto xo = rets.get<ffi::AnyBuffer>(ri++);
-      if (!x || !xo || x->element_type() != ffi::DataType::F32 || static_cast<int64_t>(x->element_count()) != n)
-        return bad("adamx: bad accumulator buffer");
-      lp.acc = static_cast<float*>(inplace(*x, *xo));
+      if (sty[k] != ffi::DataType::F32) return bad("adamx: bad accumulator buffer");
+      lp.acc = static_cast<float*>(st[k++]);
     }
     if (ema) {
-      auto x = args.get<ffi::AnyBuffer>(ai++);
-      auto xo = rets.get<ffi::AnyBuffer>(ri++);
-      if (!x || !xo || x->element_type() != ffi::DataType::F32 || static_cast<int64_t>(x->element_count()) != n)
-        return bad("adamx: bad average buffer");
-      lp.ema = static_cast<float*>(inplace(*x, *xo));
+      if (sty[k] != ffi::DataType::F32) return bad("adamx: bad average buffer");
+      lp.ema = static_cast<float*>(st[k++]);
     }
     lp.clip_denom = den[i];
     lp.decay = decay[i] != 0;
@@ -532,14 +555,26 @@ static void sum_task(void* c, int64_t t) {
 }
 
 // Per-leaf sum of squares of the gradient as the update would see it before clipping.
-// Args: scalars, then per leaf g[, acc]. Ret: f32[L]. Deterministic: partial sums
+// Args: scalars, then per leaf g[, acc] (flat == 0), or [acc (1-D, leaf i at
+// offsets[i]),] then per leaf g (flat == 1). Ret: f32[L]. Deterministic: partial sums
 // are combined in a fixed order whatever thread computed them.
 static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
-                            ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t acc) {
+                            ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Span<const int64_t> offsets, int64_t acc,
+                            int64_t flat) {
   if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
-  const int64_t nin = acc ? 2 : 1;
+  const int64_t nin = (acc && !flat) ? 2 : 1;
+  const int64_t base = (acc && flat) ? 1 : 0;
   const int64_t L = static_cast<int64_t>(out->element_count());
-  if (static_cast<int64_t>(args.size()) != L * nin) return bad("adamx: operand count does not match");
+  if (static_cast<int64_t>(args.size()) != base + L * nin) return bad("adamx: operand count does not match");
+  if (flat && static_cast<int64_t>(offsets.size()) != L) return bad("adamx: one offset per leaf expected");
+  const float* flat_acc = nullptr;
+  int64_t flat_count = 0;
+  if (base) {
+    auto a = args.get<ffi::AnyBuffer>(0);
+    if (!a || a->element_type() != ffi::DataType::F32) return bad("adamx: bad accumulator buffer");
+    flat_acc = static_cast<const float*>(a->untyped_data());
+    flat_count = static_cast<int64_t>(a->element_count());
+  }
   const Sc sc = read_scalars(scalars.typed_data());
   float* res = out->typed_data();
   std::vector<const void*> gp(L);
@@ -547,13 +582,16 @@ static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   std::vector<SumFn> fns(L);
   std::vector<int64_t> sizes(L);
   for (int64_t i = 0; i < L; ++i) {
-    auto g = args.get<ffi::AnyBuffer>(i * nin);
+    auto g = args.get<ffi::AnyBuffer>(base + i * nin);
     if (!g) return bad("adamx: could not decode a gradient");
     gp[i] = g->untyped_data();
     sizes[i] = static_cast<int64_t>(g->element_count());
     fns[i] = pick_sum(dt_of(g->element_type()), acc != 0);
     if (fns[i] == nullptr) return bad("adamx: unsupported gradient dtype");
-    if (acc) {
+    if (acc && flat) {
+      if (offsets[i] < 0 || offsets[i] + sizes[i] > flat_count) return bad("adamx: leaf offset outside the flat state");
+      ap[i] = flat_acc + offsets[i];
+    } else if (acc) {
       auto a = args.get<ffi::AnyBuffer>(i * nin + 1);
       if (!a || a->element_type() != ffi::DataType::F32 || static_cast<int64_t>(a->element_count()) != sizes[i])
         return bad("adamx: bad accumulator buffer");
@@ -591,9 +629,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStep, StepImpl,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("decay")
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Attr<int64_t>("ams")
                                   .Attr<int64_t>("acc")
-                                  .Attr<int64_t>("ema"));
+                                  .Attr<int64_t>("ema")
+                                  .Attr<int64_t>("flat"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                               ffi::Ffi::Bind()
@@ -601,14 +641,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("acc"));
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
+                                  .Attr<int64_t>("acc")
+                                  .Attr<int64_t>("flat"));
 
-extern "C" int adamx_fused_abi_version() { return 1; }
+extern "C" int adamx_fused_abi_version() { return 2; }
 """
 
-_ABI = 1
-_STEP = "adamx_fused_step_v1"
-_SUMSQ = "adamx_fused_sumsq_v1"
+_ABI = 2
+_STEP = "adamx_fused_step_v2"
+_SUMSQ = "adamx_fused_sumsq_v2"
 # Keep in sync with the scalar enum in _SRC.
 _SCALARS = (
     "c1", "c2", "alpha", "eps", "lr", "wd", "lsf", "has_lsf", "k", "is_real",
@@ -620,6 +662,8 @@ _PARAM_DTYPES = {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 _MOMENT_DTYPES = {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
 
 _OPERANDS_PER_CALL = 64
+# flat state: 2 operands per leaf; calls of 256 operands measured best (docs/performance.md)
+_FLAT_OPERANDS_PER_CALL = 256
 _ASYNC_HINT = True
 
 _lock = threading.Lock()
@@ -766,6 +810,8 @@ def _plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[Optional[str], 
     g_l, p_l, treedef = _tree.align_grads(grads, params)
     if any(g is None for g in g_l):
         return "a gradient is None", None
+    if isinstance(state.mu, FlatBuffers):
+        return _plan_flat(tx, state, g_l, p_l, treedef)
     flat = treedef.flatten_up_to
     try:
         mu_l, nu_l = flat(state.mu), flat(state.nu)
@@ -795,7 +841,47 @@ def _plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[Optional[str], 
         for x in (p, g, m, v):
             if _is_sharded(x):
                 return "arrays are sharded over several devices", None
-    return None, (g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l)
+    return None, (g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None)
+
+
+def _plan_flat(tx: Any, state: Any, g_l: list, p_l: list, treedef: Any) -> tuple[Optional[str], Any]:
+    """The plan for ``flat_state=True``: each state field one 1-D buffer, leaves at offsets."""
+    hp = tx.hyperparams
+    f32 = jnp.dtype(jnp.float32)
+    sizes = [int(np.prod(jnp.shape(p), dtype=np.int64)) for p in p_l]
+    total = int(sum(sizes))
+    fields: dict[str, Any] = {}
+    for name in ("mu", "nu", "nu_max", "acc", "ema"):
+        field = getattr(state, name)
+        if field is None:
+            fields[name] = None
+            continue
+        if not isinstance(field, FlatBuffers) or len(field.buffers) != 1:
+            return "flat state with several dtype groups", None
+        (buf,) = field.buffers
+        if tuple(buf.shape) != (total,):
+            return "flat optimizer state does not match params", None
+        fields[name] = buf
+    if (fields["nu_max"] is not None) != bool(hp["amsgrad"]) or (fields["ema"] is not None) != bool(hp["use_ema"]):
+        return "optimizer state does not match the optimizer's options", None
+    mu, nu = fields["mu"], fields["nu"]
+    if jnp.dtype(mu.dtype) not in _MOMENT_DTYPES or jnp.dtype(nu.dtype) not in _MOMENT_DTYPES:
+        return f"unsupported moment dtypes ({mu.dtype}, {nu.dtype})", None
+    if fields["nu_max"] is not None and fields["nu_max"].dtype != nu.dtype:
+        return "optimizer state dtypes or shapes are not the expected ones", None
+    for name in ("acc", "ema"):
+        if fields[name] is not None and jnp.dtype(fields[name].dtype) != f32:
+            return "optimizer state dtypes or shapes are not the expected ones", None
+    for g, p in zip(g_l, p_l):
+        pd, gd = jnp.dtype(jnp.result_type(p)), jnp.dtype(g.dtype)
+        if pd not in _PARAM_DTYPES or gd not in (pd, f32):
+            return f"unsupported dtypes (params {pd}, grads {gd})", None
+        if _is_sharded(p) or _is_sharded(g):
+            return "arrays are sharded over several devices", None
+    if any(_is_sharded(b) for b in fields.values() if b is not None):
+        return "arrays are sharded over several devices", None
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]]).astype(np.int64) if sizes else None
+    return None, (g_l, p_l, treedef, mu, nu, fields["nu_max"], fields["acc"], fields["ema"], offsets)
 
 
 def why_not(tx: Any, grads: Any, opt_state: Any, params: Any) -> Optional[str]:
@@ -848,7 +934,7 @@ def _f32(x: Any) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l):  # noqa: ANN001
+def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, offsets):  # noqa: ANN001
     from adamx._adam import AdamState, _is_off
 
     hp = tx.hyperparams
@@ -896,21 +982,28 @@ def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, e
 
     # XLA's compile time grows faster than linearly with the operand count of one custom
     # call; calls of about _OPERANDS_PER_CALL operands keep it linear in the leaf count.
-    per_leaf = 4 + sum(x is not None for x in (nm_l, acc_l, ema_l))
-    per_call = max(1, _OPERANDS_PER_CALL // per_leaf)
+    flat = offsets is not None
+    n_state = 2 + sum(x is not None for x in (nm_l, acc_l, ema_l))
+    per_leaf = 2 if flat else 2 + n_state
+    per_call = max(1, (_FLAT_OPERANDS_PER_CALL - n_state) // per_leaf) if flat else max(1, _OPERANDS_PER_CALL // per_leaf)
     groups = [range(i, min(L, i + per_call)) for i in range(0, L, per_call)]
+    no_offsets = np.zeros((0,), np.int64)
+
+    def offs(grp: range) -> np.ndarray:
+        return offsets[grp.start : grp.stop] if flat else no_offsets
+
     denoms = jnp.ones((L,), jnp.float32)
     if clip_mode in (1, 2):
         sums = []
         for grp in groups:
-            sum_ops = []
+            sum_ops: list[Any] = [acc_l] if (flat and has_acc) else []
             for i in grp:
                 sum_ops.append(g_l[i])
-                if has_acc:
+                if has_acc and not flat:
                     sum_ops.append(acc_l[i])
             sums.append(
                 jax.ffi.ffi_call(_SUMSQ, jax.ShapeDtypeStruct((len(grp),), jnp.float32), vmap_method="sequential")(
-                    scalar_vec(vals), *sum_ops, acc=np.int64(has_acc)
+                    scalar_vec(vals), *sum_ops, offsets=offs(grp), acc=np.int64(has_acc), flat=np.int64(flat)
                 )
             )
         sumsq = jnp.concatenate(sums)
@@ -928,11 +1021,39 @@ def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, e
         # passed to the kernel, which ignores it, so it is not removed.
         hint = jnp.full((16, 16), scal[0]) @ jnp.full((16, 16), scal[1])
         scal = jnp.concatenate([scal, hint[:1, 0] * 0.0])
+    attrs = dict(ams=np.int64(nm_l is not None), acc=np.int64(has_acc), ema=np.int64(ema_l is not None))
+    if flat:
+        # the state buffers go through the calls in turn, each updating its leaves in place
+        st = [x for x in (mu_l, nu_l, nm_l, acc_l, ema_l) if x is not None]
+        new_p: list[Any] = []
+        for grp in groups:
+            ops: list[Any] = [scal, denoms[grp.start : grp.stop], *st]
+            outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in st]
+            aliases = {2 + k: k for k in range(len(st))}
+            for i in grp:
+                p = jnp.asarray(p_l[i])
+                aliases[len(ops)] = len(outs)
+                ops.extend([p, g_l[i]])
+                outs.append(jax.ShapeDtypeStruct(p.shape, p.dtype))
+            r = jax.ffi.ffi_call(_STEP, outs, input_output_aliases=aliases, vmap_method="sequential")(
+                *ops, decay=np.asarray([bool(keep[i]) for i in grp], np.int64), offsets=offs(grp), flat=np.int64(1),
+                **attrs,
+            )  # fmt: skip
+            st = list(r[: len(st)])
+            new_p.extend(r[len(st) :])
+        it = iter(st)
+        fb = lambda x: None if x is None else FlatBuffers((next(it),))  # noqa: E731
+        new_mu, new_nu, new_nm, new_acc, new_ema = (fb(x) for x in (mu_l, nu_l, nm_l, acc_l, ema_l))
+        new_state = AdamState(
+            count=optax.safe_increment(n), mu=new_mu, nu=new_nu, nu_max=new_nm, acc=new_acc, ema=new_ema
+        )
+        return jax.tree_util.tree_unflatten(treedef, new_p), new_state
+
     res: list[Any] = []
     for grp in groups:
-        ops: list[Any] = [scal, denoms[grp.start : grp.stop]]
-        outs: list[Any] = []
-        aliases: dict[int, int] = {}
+        ops = [scal, denoms[grp.start : grp.stop]]
+        outs = []
+        aliases = {}
         for i in grp:
             p, g = jnp.asarray(p_l[i]), g_l[i]
             leaf_in = [p, g, mu_l[i], nu_l[i]]
@@ -948,11 +1069,8 @@ def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, e
                 outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
         res.extend(
             jax.ffi.ffi_call(_STEP, outs, input_output_aliases=aliases, vmap_method="sequential")(
-                *ops,
-                decay=np.asarray([bool(keep[i]) for i in grp], np.int64),
-                ams=np.int64(nm_l is not None),
-                acc=np.int64(has_acc),
-                ema=np.int64(ema_l is not None),
+                *ops, decay=np.asarray([bool(keep[i]) for i in grp], np.int64), offsets=offs(grp), flat=np.int64(0),
+                **attrs,
             )
         )
     per = len(res) // L

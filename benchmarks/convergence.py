@@ -10,6 +10,7 @@ Trains the same model from the same initialisation on the same batches with
 * ``optax.adam`` with Keras' epsilon mapped to optax's ``eps`` (``eps=1e-7``: the two
   epsilons agree once ``1 - beta_2^t`` is close to 1),
 * ``adamx.adamw(global_clipnorm=1.0)``, fused and reference,
+* ``adamx.adam(flat_state=True)`` through the fused path,
 
 and writes the loss curves to ``benchmarks/results/convergence.{csv,png,md}``.
 
@@ -152,6 +153,7 @@ def main() -> None:
         "optax.adam(eps=1e-7)": (optax.adam(lr, eps=1e-7), False),
         "adamx.adamw global_clipnorm=1 fused": (adamx.adamw(lr, 0.01, global_clipnorm=1.0), True),
         "adamx.adamw global_clipnorm=1 reference": (adamx.adamw(lr, 0.01, global_clipnorm=1.0), False),
+        "adamx.adam fused, flat_state=True": (adamx.adam(lr, flat_state=True), True),
     }
     eval_loss = jax.jit(lambda p, x, y: loss_fn(p, x, y, heads))
 
@@ -191,7 +193,7 @@ def main() -> None:
         return float(np.max(np.abs(np.array(curves[a]) - np.array(curves[b]))))
 
     fa, ra, oa = names[0], names[1], names[2]
-    fw, rw = names[3], names[4]
+    fw, rw, ff = names[3], names[4], names[5]
     md = [
         "# Convergence: character-level transformer on Shakespeare",
         "",
@@ -211,6 +213,7 @@ def main() -> None:
         "|---|---|",
         f"| adam fused vs reference | {maxdiff(fa, ra):.2e} |",
         f"| adamw + global_clipnorm fused vs reference | {maxdiff(fw, rw):.2e} |",
+        f"| adam fused, flat state vs reference | {maxdiff(ff, ra):.2e} |",
         f"| adam fused vs optax.adam(eps=1e-7) | {maxdiff(fa, oa):.2e} |",
         "",
     ]
@@ -223,7 +226,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = ["-", "--", ":", "-", "--"]
+    styles = ["-", "--", ":", "-", "--", "-."]
     for n, ls in zip(names, styles):
         ax.plot(range(1, steps + 1), curves[n], ls, label=n, lw=1.2)
     ax.set_xlabel("step")

@@ -83,6 +83,13 @@ JAX_COMPETITORS: dict[str, tuple[Callable[[], Any], str, float]] = {
     ),
     # sumsq pass reads g and acc (8, real steps only), update reads 7 and writes 6 buffers (52)
     "adamx full Keras set fused": (full_keras, "fused", 56),
+    "adamx.adam fused, flat state": (lambda: adamx.adam(LR, flat_state=True), "fused", 28),
+    "adamx.adamw global_clipnorm fused, flat state": (
+        lambda: adamx.adamw(LR, 0.01, global_clipnorm=1.0, flat_state=True),
+        "fused",
+        32,
+    ),
+    "adamx full Keras set fused, flat state": (lambda: full_keras(flat_state=True), "fused", 56),
 }
 # Pairs (competitor, baseline) whose paired ratio is reported.
 PAIRS = [
@@ -99,6 +106,11 @@ PAIRS = [
     ("optax.adam (not donated)", "optax.adam"),
     ("adamx.adam fused", "keras Adam (JAX, stateless_apply)"),
     ("adamx.adam fused", "dispatch floor (identity step, same buffers)"),
+    ("adamx.adam fused, flat state", "optax.adam"),
+    ("adamx.adamw global_clipnorm fused, flat state", "optax clip_by_global_norm + adamw"),
+    ("adamx full Keras set fused, flat state", "optax.adam"),
+    ("adamx.adam fused, flat state", "dispatch floor, flat state (identity step, same buffers)"),
+    ("dispatch floor, flat state (identity step, same buffers)", "optax.adam"),
     ("optax.adam", "dispatch floor (identity step, same buffers)"),
 ]
 
@@ -135,6 +147,13 @@ def build_runners(
 
         runners.append(
             H.jax_runner("dispatch floor (identity step, same buffers)", identity, params, tx.init(params), grads)
+        )
+        params = H.make_tree(shapes, seed=0)
+        tx = adamx.adam(LR, flat_state=True)
+        runners.append(
+            H.jax_runner(
+                "dispatch floor, flat state (identity step, same buffers)", identity, params, tx.init(params), grads
+            )
         )
     if "torch" in extra:
         for fused in (False, True):
@@ -200,6 +219,9 @@ COMPILE_KINDS: dict[str, Callable[[], tuple[Any, str]]] = {
     "adamx reference, full Keras set": lambda: (full_keras(), "ref"),
     "adamx fused, adam": lambda: (adamx.adam(LR), "fused"),
     "adamx fused, full Keras set": lambda: (full_keras(), "fused"),
+    "floor: identity step over the flat full Keras state": lambda: (full_keras(flat_state=True), "identity"),
+    "adamx fused flat state, adam": lambda: (adamx.adam(LR, flat_state=True), "fused"),
+    "adamx fused flat state, full Keras set": lambda: (full_keras(flat_state=True), "fused"),
 }
 
 
@@ -336,11 +358,20 @@ def targets_md(res: dict) -> str:
         if v is not None:
             out.append(f"| {c}: bf16 moments save time (20/28 = 0.71x) | {v:.2f}x | {ok(v, v < 0.9)} |")
     for c in [c for c in cases if c.startswith("1000 leaves")]:
-        v = pair(c, "adamx.adam fused", "optax.adam")
+        for name in ("adamx.adam fused", "adamx.adam fused, flat state", "adamx full Keras set fused, flat state"):
+            v = pair(c, name, "optax.adam")
+            if v is not None:
+                out.append(f"| {c}: {name} / optax.adam <= 0.35 | {v:.2f} | {ok(v, v <= 0.35)} |")
+        v = pair(c, "dispatch floor, flat state (identity step, same buffers)", "optax.adam")
         if v is not None:
-            out.append(f"| {c}: adamx/optax.adam <= 0.35 | {v:.2f} | {ok(v, v <= 0.35)} |")
+            out.append(f"| {c}: (for scale) a step that does nothing, flat state / optax.adam | {v:.2f} | - |")
     comp = res.get("compile", {})
-    for kind in ("adamx fused, adam", "adamx fused, full Keras set"):
+    for kind in (
+        "adamx fused, adam",
+        "adamx fused, full Keras set",
+        "adamx fused flat state, adam",
+        "adamx fused flat state, full Keras set",
+    ):
         d = comp.get(kind, {})
         for leaves, limit in ((1000, 1.5), (4000, 10.0)):
             v = d.get(leaves)
@@ -516,7 +547,7 @@ def main() -> None:
     label = "GPT-2-small-shaped tree" + (
         "" if width == 768 else f" at half width ({width}; scaled down for time/memory)"
     )
-    names = [*small_set, "adamx.adamw fused"]
+    names = [*small_set, "adamx.adamw fused", "adamx.adam fused, flat state"]
     res["cases"].append(time_case(label, shapes, names, 5 if quick else 12, ("torch",)))
     # 3. many small leaves
     many = {f"w{i:04d}": (4096,) for i in range(1000)}
@@ -527,6 +558,9 @@ def main() -> None:
         "adamx.adam fused",
         "adamx.adamw global_clipnorm fused",
         "adamx full Keras set fused",
+        "adamx.adam fused, flat state",
+        "adamx.adamw global_clipnorm fused, flat state",
+        "adamx full Keras set fused, flat state",
     ]
     case = time_case("1000 leaves x 4096 params", many, names, 7 if quick else 20, ("torch", "keras", "floor"))
     amort = time_case(
@@ -558,6 +592,9 @@ def main() -> None:
                 "optax.adam",
                 "adamx fused, adam",
                 "adamx fused, full Keras set",
+                "floor: identity step over the flat full Keras state",
+                "adamx fused flat state, adam",
+                "adamx fused flat state, full Keras set",
             ]
             res["compile"] = compile_times([10, 1000, 4000], {10: every, 1000: every, 4000: at4000}, timeout=60)
         else:

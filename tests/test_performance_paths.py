@@ -220,8 +220,8 @@ def test_clip_and_weight_decay_step_has_no_full_size_temporary():
     hlo = compiled.as_text()
     ops = _full_size_instructions(hlo, str(n))
     assert ops and set(ops) <= {"parameter", "get-tuple-element"}, ops
-    assert hlo.count('custom_call_target="adamx_fused_step_v1"') == 1
-    assert hlo.count('custom_call_target="adamx_fused_sumsq_v1"') == 1
+    assert hlo.count('custom_call_target="adamx_fused_step_v2"') == 1
+    assert hlo.count('custom_call_target="adamx_fused_sumsq_v2"') == 1
     assert not re.search(r"= f32\[" + str(n) + r"\]\{0\} (fusion|copy)\(", hlo)
     ma = compiled.memory_analysis()
     assert ma.temp_size_in_bytes < 4096
@@ -270,6 +270,113 @@ def test_fused_donation_updates_in_place_and_does_not_recompile():
     p2, s2 = opt.apply_gradients(make_grads(rp, 3), rs, rp)
     p3, s3 = ref(make_grads(rp, 3), rs, rp)
     assert_trees_close((p2, s2), (p3, s3), exact=False)
+
+
+# ---------------------------------------------------------------- flat_state=True
+def as_tree_state(flat_state, tree_state):
+    """A flat ``AdamState`` unpacked into the tree layout of ``tree_state`` (for comparison)."""
+    fields = {}
+    for f in ("mu", "nu", "nu_max", "acc", "ema"):
+        flat_f, tree_f = getattr(flat_state, f), getattr(tree_state, f)
+        assert (flat_f is None) == (tree_f is None), f
+        if flat_f is None:
+            continue
+        assert isinstance(flat_f, adamx.FlatBuffers), f
+        leaves, td = jax.tree_util.tree_flatten(tree_f)
+        lay = adamx._flat.layout(leaves, lambda x: x.dtype)
+        fields[f] = jax.tree_util.tree_unflatten(td, adamx._flat.unpack(flat_f, lay))
+    return flat_state._replace(**fields)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_flat_state_reference_path_equals_tree_state(option):
+    """flat_state changes storage only: the reference path gives bit-identical params and state,
+    except that over slices of a flat buffer XLA may sum a clipping norm in another order
+    or contract the average's multiply-add differently (a float32 rounding)."""
+    tree_opt = adamx.adam(**OPTIONS[option])
+    flat_opt = adamx.adam(**OPTIONS[option], flat_state=True)
+    exact = not ({"clipnorm", "global_clipnorm", "use_ema"} & set(OPTIONS[option]))
+    tp, ts = run(ref_step(tree_opt), tree_opt, 5)
+    fp, fs = run(ref_step(flat_opt), flat_opt, 5)
+    assert_trees_close((fp, as_tree_state(fs, ts)), (tp, ts), exact=exact)
+    if OPTIONS[option].get("use_ema"):
+        assert_trees_close(
+            adamx.finalize_variable_values(fp, fs), adamx.finalize_variable_values(tp, ts), exact=exact
+        )
+
+
+@needs_kernel
+@pytest.mark.parametrize("moments", ["f32", "bf16"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fused_flat_equals_reference(option, moments):
+    """The fused step on flat state against the tree-state reference path (tolerance as above)."""
+    kw = dict(OPTIONS[option])
+    if moments == "bf16":
+        kw.update(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+    flat_opt, tree_opt = adamx.adam(**kw, flat_state=True), adamx.adam(**kw)
+    params = make_params()
+    assert _fused.why_not(flat_opt, make_grads(params, 0), flat_opt.init(params), params) is None
+    fp, fs = run(fused_step(flat_opt), flat_opt, 7)
+    tp, ts = run(ref_step(tree_opt), tree_opt, 7)
+    if moments == "bf16":
+        assert_trees_close(fp, tp, exact=False)
+    else:
+        assert_trees_close((fp, as_tree_state(fs, ts)), (tp, ts), exact=False)
+
+
+@needs_kernel
+def test_fused_flat_defaults_bit_identical_and_in_place():
+    """Defaults: bit-identical to the reference; donated flat buffers are updated in place,
+    the compiled step has no copies, and few operands (2 per leaf + the flat buffers)."""
+    opt = adamx.adamw(learning_rate=0.01, flat_state=True)
+    tree_opt = adamx.adamw(learning_rate=0.01)
+    assert_trees_close(run(fused_step(opt), opt, 5)[0], run(ref_step(tree_opt), tree_opt, 5)[0], exact=True)
+    params = make_params()
+    state = opt.init(params)
+    step = jax.jit(lambda p, s, g: opt.apply_gradients(g, s, p), donate_argnums=(0, 1))
+    lowered = step.lower(params, state, make_grads(params, 0))
+    hlo = lowered.compile().as_text()
+    copies = re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} copy\(", hlo)
+    assert all(np.prod([int(d) for d in c.split(",")]) == 0 for c in copies), copies
+    assert lowered.as_text().count(_fused._STEP) == 1
+    p, s = params, state
+    for i in range(3):
+        before = s.mu.buffers[0].unsafe_buffer_pointer(), s.nu.buffers[0].unsafe_buffer_pointer()
+        p, s = step(p, s, make_grads(p, i))
+        assert (s.mu.buffers[0].unsafe_buffer_pointer(), s.nu.buffers[0].unsafe_buffer_pointer()) == before
+    assert step._cache_size() == 1
+
+
+def test_flat_layout_groups_by_dtype_and_round_trips():
+    leaves = [jnp.ones((2, 3), jnp.float32), jnp.full((4,), 2, jnp.float16), jnp.full((), 3.0), jnp.zeros((0,))]
+    lay = adamx._flat.layout(leaves, lambda x: x.dtype)
+    assert lay.dtypes == (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
+    assert lay.totals == (7, 4)
+    assert [s.offset for s in lay.slots] == [0, 0, 6, 7]
+    flat = adamx._flat.pack(leaves, lay)
+    back = adamx._flat.unpack(flat, lay)
+    for a, b in zip(leaves, back):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="does not match params"):
+        adamx._flat.unpack(adamx.FlatBuffers((jnp.zeros(6), jnp.zeros(4, jnp.float16))), lay)
+
+
+def test_flat_state_errors():
+    opt = adamx.adam(flat_state=True)
+    params = {"w": jnp.ones((3,))}
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="needs the params"):
+        opt.update(params, state)
+    with pytest.raises(ValueError, match="does not match params"):
+        opt.update({"w": jnp.ones((4,))}, state, {"w": jnp.ones((4,))})
+
+
+def test_flat_state_ema_is_a_copy_not_the_params():
+    """A one-leaf EMA pack must not alias the params (donation would fail)."""
+    params = {"w": jnp.arange(4.0)}
+    state = adamx.adam(use_ema=True, flat_state=True).init(params)
+    assert state.ema.buffers[0].unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
 
 
 def _check_fallback(opt, grads, state, params, reason_part):

@@ -29,6 +29,7 @@ OPTIONS = {
     "ema_overwrite": dict(use_ema=True, ema_overwrite_frequency=3),
     "accumulation": dict(gradient_accumulation_steps=2),
     "all": {k: v for k, v in FULL_KWARGS.items() if k != "learning_rate"},
+    "all, flat state": {**{k: v for k, v in FULL_KWARGS.items() if k != "learning_rate"}, "flat_state": True},
 }
 SAVE_AT = 3  # with accumulation 2: one real step done, the second window half full
 FIELDS = {"count", "mu", "nu", "nu_max", "acc", "ema"}

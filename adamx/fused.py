@@ -1,0 +1,86 @@
+"""The fused Adam step, and one-line ways to use it from Flax.
+
+``opt.update`` returns optax *updates*, which the caller adds to the params. On XLA:CPU
+that costs three full-size loops per leaf; :func:`apply_gradients` instead updates
+params and optimizer state in one in-place pass (a C++ kernel called through
+``jax.ffi``), with the same numbers. It falls back to ``tx.update`` +
+``optax.apply_updates`` wherever the kernel does not apply (see :func:`why_not`), so it
+is always safe to call. See docs/performance.md for the design and the measurements.
+
+===========================================  ===========================================
+instead of                                   write
+===========================================  ===========================================
+``u, s = opt.update(g, s, p)``;               ``p, s = opt.apply_gradients(g, s, p)``
+``p = optax.apply_updates(p, u)``
+linen ``state.apply_gradients(grads=g)``      ``adamx.fused.train_state_apply_gradients(state, g)``
+nnx ``optimizer.update(model, grads)``        ``adamx.fused.nnx_update(optimizer, model, grads)``
+===========================================  ===========================================
+
+Jit the step and donate params and optimizer state (``donate_argnums``) so the update
+happens in the donated buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adamx._fused import apply_gradients, available, status, why_not
+
+
+def train_state_apply_gradients(state: Any, grads: Any) -> Any:
+    """Flax linen ``TrainState.apply_gradients(grads=grads)`` through the fused step.
+
+    Works on any ``flax.training.train_state.TrainState`` (or an object with ``tx``,
+    ``params``, ``opt_state``, ``step`` and ``replace``): returns the state with
+    ``step + 1`` and the new params and optimizer state, the same values as
+    ``state.apply_gradients(grads=grads)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> from flax.training import train_state
+      >>> state = train_state.TrainState.create(
+      ...     apply_fn=None, params={"w": jnp.array([1.0, -2.0])}, tx=adamx.adam(0.1))
+      >>> grads = {"w": jnp.array([0.5, -0.5])}
+      >>> state = jax.jit(train_state_apply_gradients, donate_argnums=0)(state, grads)
+      >>> int(state.step), [round(x, 4) for x in state.params["w"].tolist()]
+      (1, [0.9, -1.9])
+    """
+    params, opt_state = apply_gradients(state.tx, grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def nnx_update(optimizer: Any, model: Any, grads: Any) -> None:
+    """``flax.nnx.Optimizer.update(model, grads)`` through the fused step.
+
+    Updates ``model``'s parameters (those ``optimizer.wrt`` selects), ``optimizer.opt_state``
+    and ``optimizer.step`` in place, with the same values as ``optimizer.update(model,
+    grads)``. Unlike that method it returns nothing: the fused step never forms the
+    updates. Call it inside ``nnx.jit`` (donate the model and optimizer with
+    ``nnx.jit(..., donate_argnums=...)`` for the in-place update).
+
+    Example:
+      >>> import jax.numpy as jnp, adamx
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, adamx.adam(0.1), wrt=nnx.Param)
+      >>> @nnx.jit
+      ... def train_step(model, optimizer, x, y):
+      ...     grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+      ...     adamx.fused.nnx_update(optimizer, model, grads)
+      >>> train_step(model, optimizer, jnp.ones((4, 2)), jnp.zeros((4, 1)))
+      >>> int(optimizer.step[...])
+      1
+    """
+    from flax import nnx
+
+    kw = {"graph": optimizer.graph} if getattr(optimizer, "graph", None) is not None else {}
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt, **kw))
+    grad_arrays = nnx.as_pure(nnx.state(grads, optimizer.wrt, **kw))
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    new_params, new_opt_state = apply_gradients(optimizer.tx, grad_arrays, opt_state, params)
+    nnx.update(model, new_params)
+    nnx.update(optimizer.opt_state, nnx.state(new_opt_state, **kw))
+    optimizer.step[...] += 1
+
+
+__all__ = ["apply_gradients", "available", "nnx_update", "status", "train_state_apply_gradients", "why_not"]
