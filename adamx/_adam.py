@@ -181,7 +181,7 @@ def adam(
         params' leaves in tree order) instead of a tree like params. Same numbers;
         for models with many parameter tensors a jitted step then passes and compiles
         far fewer buffers (docs/performance.md). ``update`` then needs ``params``.
-        Meant for single-device state: ZeRO-1 / state sharding helpers expect trees.
+        Meant for single-device steps: flat buffers cannot follow the params' shardings.
       name: kept for ``get_config()``.
 
     Returns:

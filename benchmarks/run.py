@@ -452,8 +452,14 @@ def chart(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     cases = [c for c in res["cases"] if any("roofline_pct" in r for r in c["rows"].values())]
-    ncol = len(cases) + (1 if res.get("compile") else 0)
-    fig, axes = plt.subplots(1, max(ncol, 1), figsize=(6 * max(ncol, 1), 7), squeeze=False)
+    npanel = max(len(cases) + (1 if res.get("compile") else 0), 1)
+    ncol = min(npanel, 4)
+    nrow = -(-npanel // ncol)
+    fig, grid = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 6.5 * nrow), squeeze=False)
+    flat_axes = list(grid.ravel())
+    for ax in flat_axes[npanel:]:
+        ax.set_visible(False)
+    axes = [flat_axes[:npanel]]
     colors = {"fused": "tab:green", "ref": "tab:olive", "optax": "tab:blue", "torch": "tab:red", "keras": "tab:purple"}
     for ax, c in zip(axes[0], cases):
         names = [k for k, r in c["rows"].items() if "roofline_pct" in r]
@@ -490,10 +496,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds (a few minutes)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results, or results/quick)")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--replot", metavar="RESULTS_JSON", help="only rewrite results.md and chart.png from a results.json")
     ap.add_argument("--compile-one", nargs=2, metavar=("KIND", "LEAVES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_one:
         compile_one(args.compile_one[0], int(args.compile_one[1]))
+        return
+    if args.replot:
+        with open(args.replot) as f:
+            res = json.load(f)
+        res["compile"] = {k: {int(n): v for n, v in d.items()} for k, d in res.get("compile", {}).items()}
+        write_report(res, os.path.dirname(os.path.abspath(args.replot)))
         return
     t_start = time.perf_counter()
     quick = args.quick
