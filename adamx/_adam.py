@@ -92,6 +92,27 @@ def _is_off(x: Any) -> bool:
     return x is None or (_hyper.concrete(x) == 0.0 and not _hyper.is_schedule(x))
 
 
+def derived_options(hp: dict[str, Any]) -> tuple[Any, bool, Optional[list[str]]]:
+    """``(k, decay_on, exclude)`` from :func:`adam`'s arguments: the accumulation window
+    (``None`` for none or 1), whether weight decay is on, the exclusion patterns."""
+    k = hp["gradient_accumulation_steps"]
+    if k is not None and _hyper.concrete(k) == 1.0:
+        k = None
+    exclude = list(hp["exclude_from_weight_decay"]) if hp["exclude_from_weight_decay"] else None
+    return k, not _is_off(hp["weight_decay"]), exclude
+
+
+def step_scalars(hp: dict[str, Any], k: Any, decay_on: bool, n: jax.Array) -> tuple[Any, Any, Any]:
+    """``(lr, adam_scalars, weight_decay or None)`` of a real step after ``n`` calls (Keras counting)."""
+    lr = _hyper.value_at(hp["learning_rate"], n)
+    t = n + 1 if k is None else n // k + 1
+    sc = _moments.adam_scalars(
+        hp["beta_1"], hp["beta_2"], hp["epsilon"], 0.0, n, alpha_lr=lr, keras_rounding=True, t=t, sched_count=n
+    )
+    wd = _hyper.value_at(hp["weight_decay"], n) if decay_on else None
+    return lr, sc, wd
+
+
 def adam(
     learning_rate: _hyper.ScalarOrSchedule = 0.001,
     beta_1: _hyper.ScalarOrSchedule = 0.9,
@@ -217,12 +238,8 @@ def adam(
         weight_decay_mask=weight_decay_mask,
     )
     _validate(hp)
-    k = None if gradient_accumulation_steps is None else gradient_accumulation_steps
-    if k is not None and _hyper.concrete(k) == 1.0:
-        k = None
-    decay_on = not _is_off(weight_decay)
+    k, decay_on, exclude = derived_options(hp)
     needs_params = decay_on or use_ema
-    exclude = list(exclude_from_weight_decay) if exclude_from_weight_decay else None
 
     field_dtypes: dict[str, Callable[[Any], Any]] = {
         "mu": lambda p: _tree.state_dtype(p.dtype, mu_dtype),
@@ -272,12 +289,7 @@ def adam(
                 g_l = [None if g is None else (g + a) / kf.astype(g.dtype) for g, a in zip(g_l, acc_l)]
                 acc_l = [jnp.zeros_like(a) for a in acc_l]
             g_l = _clip(g_l)
-            lr = _hyper.value_at(learning_rate, n)
-            t = n + 1 if k is None else n // k + 1
-            sc = _moments.adam_scalars(
-                beta_1, beta_2, epsilon, 0.0, n, alpha_lr=lr, keras_rounding=True, t=t, sched_count=n
-            )
-            wd = _hyper.value_at(weight_decay, n) if decay_on else None
+            lr, sc, wd = step_scalars(hp, k, decay_on, n)
             u_l, mu_n, nu_n, nm_n = [], [], [], []
             for g, p, m, v, vm, dec in zip(g_l, p_l, mu_l, nu_l, nm_l, keep):
                 if g is None:
@@ -354,17 +366,15 @@ _FLAT_FIELDS = ("mu", "nu", "nu_max", "acc", "ema")
 
 def _flat_init(init_fn: Callable[[Any], AdamState], dtypes: dict[str, Callable[[Any], Any]]) -> Callable[[Any], AdamState]:
     def flat_init(params: optax.Params) -> AdamState:
-        tree_state = init_fn(params)
+        shapes = jax.eval_shape(init_fn, params)  # which fields are on, without allocating the trees
         leaves = jax.tree_util.tree_leaves(params)
-        new: dict[str, Any] = {}
+        new: dict[str, Any] = {"count": jnp.zeros(shapes.count.shape, shapes.count.dtype)}
         for f in _FLAT_FIELDS:
-            field = getattr(tree_state, f)
-            if field is not None:
+            if getattr(shapes, f) is not None:
                 lay = _flat.layout(leaves, dtypes[f])
-                packed = _flat.pack(jax.tree_util.tree_leaves(field), lay)
-                # never the params' own buffers (a one-leaf pack may be a view of them)
-                new[f] = _flat.FlatBuffers(tuple(jnp.copy(b) for b in packed.buffers)) if f == "ema" else packed
-        return tree_state._replace(**new)
+                # the average starts as a fresh copy of params (never their own buffers)
+                new[f] = _flat.pack(leaves, lay, fresh=True) if f == "ema" else _flat.zeros(lay)
+        return shapes._replace(**new)
 
     return flat_init
 
@@ -374,14 +384,10 @@ def _flat_update(update_fn: Callable[..., Any], dtypes: dict[str, Callable[[Any]
         if params is None:
             raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        lays = {f: _flat.layout(leaves, dtypes[f]) for f in _FLAT_FIELDS}
-        as_tree = {
-            f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lays[f]))
-            for f in _FLAT_FIELDS
-            if getattr(state, f) is not None
-        }
+        lays = {f: _flat.layout(leaves, dtypes[f]) for f in _FLAT_FIELDS if getattr(state, f) is not None}
+        as_tree = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
         updates, new = update_fn(grads, state._replace(**as_tree), params, **extra)
-        packed = {f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lays[f]) for f in as_tree}  # type: ignore[attr-defined]
+        packed = {f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()}  # type: ignore[attr-defined]
         return updates, new._replace(**packed)
 
     return flat_update

@@ -23,6 +23,16 @@ def ema_buffers(params: Any, dtype: Any | None = None) -> Any:
     return jax.tree.map(lambda p: _tree.fresh_copy(p, _tree.state_dtype(p.dtype, dtype)), params)
 
 
+def ema_scalars(
+    count: jax.Array, momentum: Any, overwrite_frequency: Any | None, accumulation_steps: Any | None
+) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """``(mom, 1 - mom, overwrite or None)`` for the EMA after ``count`` calls (see :func:`ema_step`)."""
+    it = count if accumulation_steps is None else count // accumulation_steps
+    mom = jnp.where(it != 0, jnp.asarray(momentum, jnp.float32), 0.0)
+    overwrite = None if overwrite_frequency is None else (it + 1) % overwrite_frequency == 0
+    return mom, 1 - mom, overwrite
+
+
 def ema_step(
     p_leaves: list[Any],
     u_leaves: list[Any],
@@ -45,12 +55,7 @@ def ema_step(
     Every leaf is averaged, also those whose update is zero (micro-steps, ``None``
     gradients), as Keras averages every variable it was built with.
     """
-    it = count if accumulation_steps is None else count // accumulation_steps
-    mom = jnp.where(it != 0, jnp.asarray(momentum, jnp.float32), 0.0)
-    one_m = 1 - mom
-    overwrite = None
-    if overwrite_frequency is not None:
-        overwrite = (it + 1) % overwrite_frequency == 0
+    mom, one_m, overwrite = ema_scalars(count, momentum, overwrite_frequency, accumulation_steps)
     new_u, new_avg = [], []
     for p, u, a in zip(p_leaves, u_leaves, avg_leaves):
         p_new = p.astype(a.dtype) if u is None else _tree.rounded_sum(p, u, a.dtype)

@@ -56,17 +56,21 @@ def layout(leaves: Sequence[Any], dtype_of: Callable[[Any], Any]) -> Layout:
     return Layout(tuple(dtypes), tuple(totals), tuple(slots))
 
 
-def pack(leaves: Sequence[Any], lay: Layout) -> FlatBuffers:
-    """The leaves (of the layout's shapes) as flat buffers in the layout's dtypes."""
+def pack(leaves: Sequence[Any], lay: Layout, *, fresh: bool = False) -> FlatBuffers:
+    """The leaves (of the layout's shapes) as flat buffers in the layout's dtypes.
+
+    A group of one leaf may share the leaf's buffer; ``fresh=True`` copies it then.
+    """
     parts: list[list[Any]] = [[] for _ in lay.dtypes]
     for x, s in zip(leaves, lay.slots):
         parts[s.group].append(jnp.ravel(jnp.asarray(x)).astype(lay.dtypes[s.group]))
-    return FlatBuffers(
-        tuple(
-            jnp.concatenate(p) if len(p) > 1 else (p[0] if p else jnp.zeros((0,), dt))
-            for p, dt in zip(parts, lay.dtypes)
-        )
-    )
+
+    def join(p: list[Any]) -> Any:
+        if len(p) > 1:
+            return jnp.concatenate(p)
+        return jnp.array(p[0], copy=True) if fresh else p[0]
+
+    return FlatBuffers(tuple(join(p) for p in parts))
 
 
 def zeros(lay: Layout) -> FlatBuffers:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamx import _clipping, _decay, _hyper, _moments, _tree
+from adamx import _averaging, _clipping, _decay, _tree
 from adamx._flat import FlatBuffers
 
 log = logging.getLogger("adamx")
@@ -795,6 +795,14 @@ def _is_sharded(x: Any) -> bool:
     return any(size > 1 and "manual" not in str(t).lower() for size, t in zip(sizes.values(), types))
 
 
+def _leaf_dtype_problem(g: Any, p: Any) -> Optional[str]:
+    """Why the kernel cannot take this params/grads pair, or ``None``."""
+    pd, gd = jnp.dtype(jnp.result_type(p)), jnp.dtype(g.dtype)
+    if pd not in _PARAM_DTYPES or gd not in (pd, jnp.dtype(jnp.float32)):
+        return f"unsupported dtypes (params {pd}, grads {gd})"
+    return None
+
+
 def _plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[Optional[str], Any]:
     """``(None, plan)`` when the fused kernel applies, else ``(reason, None)``."""
     from adamx._adam import Adam, AdamState
@@ -825,9 +833,9 @@ def _plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[Optional[str], 
         return "optimizer state does not match the optimizer's options", None
     f32 = jnp.dtype(jnp.float32)
     for i, (g, p, m, v) in enumerate(zip(g_l, p_l, mu_l, nu_l)):
-        pd, gd = jnp.dtype(jnp.result_type(p)), jnp.dtype(g.dtype)
-        if pd not in _PARAM_DTYPES or gd not in (pd, f32):
-            return f"unsupported dtypes (params {pd}, grads {gd})", None
+        reason = _leaf_dtype_problem(g, p)
+        if reason:
+            return reason, None
         if jnp.dtype(m.dtype) not in _MOMENT_DTYPES or jnp.dtype(v.dtype) not in _MOMENT_DTYPES:
             return f"unsupported moment dtypes ({m.dtype}, {v.dtype})", None
         shape = tuple(jnp.shape(p))
@@ -873,9 +881,9 @@ def _plan_flat(tx: Any, state: Any, g_l: list, p_l: list, treedef: Any) -> tuple
         if fields[name] is not None and jnp.dtype(fields[name].dtype) != f32:
             return "optimizer state dtypes or shapes are not the expected ones", None
     for g, p in zip(g_l, p_l):
-        pd, gd = jnp.dtype(jnp.result_type(p)), jnp.dtype(g.dtype)
-        if pd not in _PARAM_DTYPES or gd not in (pd, f32):
-            return f"unsupported dtypes (params {pd}, grads {gd})", None
+        reason = _leaf_dtype_problem(g, p)
+        if reason:
+            return reason, None
         if _is_sharded(p) or _is_sharded(g):
             return "arrays are sharded over several devices", None
     if any(_is_sharded(b) for b in fields.values() if b is not None):
@@ -935,24 +943,17 @@ def _f32(x: Any) -> jax.Array:
 
 
 def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, offsets):  # noqa: ANN001
-    from adamx._adam import AdamState, _is_off
+    from adamx._adam import AdamState, derived_options, step_scalars
 
     hp = tx.hyperparams
     n = state.count
-    k = hp["gradient_accumulation_steps"]
-    if k is not None and _hyper.concrete(k) == 1.0:
-        k = None
-    decay_on = not _is_off(hp["weight_decay"])
-    exclude = list(hp["exclude_from_weight_decay"]) if hp["exclude_from_weight_decay"] else None
+    k, decay_on, exclude = derived_options(hp)
     keep = _decay.decay_mask_leaves(params, exclude, hp["weight_decay_mask"]) if decay_on else [False] * len(g_l)
 
-    # Per-step scalars, computed exactly as adamx.adam's update computes them.
-    lr = _hyper.value_at(hp["learning_rate"], n)
-    t = n + 1 if k is None else n // k + 1
-    sc = _moments.adam_scalars(
-        hp["beta_1"], hp["beta_2"], hp["epsilon"], 0.0, n, alpha_lr=lr, keras_rounding=True, t=t, sched_count=n
-    )
-    wd = _hyper.value_at(hp["weight_decay"], n) if decay_on else _f32(0.0)
+    # Per-step scalars: the same functions adamx.adam's update uses.
+    lr, sc, wd = step_scalars(hp, k, decay_on, n)
+    if wd is None:
+        wd = _f32(0.0)
     lsf = hp["loss_scale_factor"]
     is_real = jnp.asarray(True) if k is None else (n + 1) % k == 0
     clip_mode, clip_c = 0, _f32(1.0)
@@ -961,11 +962,9 @@ def _fused_step(tx, state, params, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, e
             clip_mode, clip_c = mode, _f32(hp[key])
     mom, one_m, overwrite = _f32(0.0), _f32(1.0), jnp.asarray(False)
     if hp["use_ema"]:
-        it = n if k is None else n // k
-        mom = jnp.where(it != 0, _f32(hp["ema_momentum"]), 0.0)
-        one_m = 1 - mom
-        if hp["ema_overwrite_frequency"] is not None:
-            overwrite = (it + 1) % hp["ema_overwrite_frequency"] == 0
+        mom, one_m, ema_overwrite = _averaging.ema_scalars(n, hp["ema_momentum"], hp["ema_overwrite_frequency"], k)
+        if ema_overwrite is not None:
+            overwrite = ema_overwrite
     vals = {
         "c1": sc.c1, "c2": sc.c2, "alpha": sc.alpha, "eps": sc.eps, "lr": lr, "wd": wd,
         "lsf": _f32(1.0 if lsf is None else lsf), "has_lsf": _f32(lsf is not None),
