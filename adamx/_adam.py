@@ -290,23 +290,17 @@ def adam(
                 acc_l = [jnp.zeros_like(a) for a in acc_l]
             g_l = _clip(g_l)
             lr, sc, wd = step_scalars(hp, k, decay_on, n)
-            u_l, mu_n, nu_n, nm_n = [], [], [], []
-            for g, p, m, v, vm, dec in zip(g_l, p_l, mu_l, nu_l, nm_l, keep):
-                if g is None:
+            d_l, mu_n, nu_n, nm_n = _moments.adam_leaves(g_l, mu_l, nu_l, nm_l, sc, form="kernel", mode="hat")
+            u_l = []
+            for g, p, d, dec in zip(g_l, p_l, d_l, keep):
+                if d is None:
                     u_l.append(None)
-                    mu_n.append(m)
-                    nu_n.append(v)
-                    nm_n.append(vm)
                     continue
-                d, m2, v2, vm2 = _moments.adam_leaf(g, m, v, vm, sc, form="kernel", mode="hat")
                 u = -d
                 if dec:
                     pf = p.astype(d.dtype)
                     u = u - (pf * wd.astype(d.dtype)) * lr.astype(d.dtype)
                 u_l.append(u.astype(g.dtype if p is None else jnp.asarray(p).dtype))
-                mu_n.append(m2)
-                nu_n.append(v2)
-                nm_n.append(vm2)
             return u_l, acc_l, mu_n, nu_n, nm_n
 
         def micro_step(g_l, acc_l, mu_l, nu_l, nm_l):

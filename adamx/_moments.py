@@ -161,22 +161,8 @@ def scale_by_adam(
         mu_l = treedef.flatten_up_to(state.mu)
         nu_l = treedef.flatten_up_to(state.nu)
         nm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(mu_l)
-        out: list[Any] = []
-        mu_n: list[Any] = []
-        nu_n: list[Any] = []
-        nm_n: list[Any] = []
-        for g, m, v, vm in zip(g_leaves, mu_l, nu_l, nm_l):
-            if g is None:
-                out.append(None)
-                mu_n.append(m)
-                nu_n.append(v)
-                nm_n.append(vm)
-                continue
-            d, m2, v2, vm2 = adam_leaf(g, m, v, vm, sc, form=form, mode=epsilon_mode)
-            out.append(d.astype(g.dtype))
-            mu_n.append(m2)
-            nu_n.append(v2)
-            nm_n.append(vm2)
+        d_l, mu_n, nu_n, nm_n = adam_leaves(g_leaves, mu_l, nu_l, nm_l, sc, form=form, mode=epsilon_mode)
+        out = [None if g is None else d.astype(g.dtype) for g, d in zip(g_leaves, d_l)]
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out), ScaleByAdamState(
             count=optax.safe_increment(state.count),
@@ -276,6 +262,23 @@ def adam_leaf(
         m2, v_used, alpha=sc.alpha, b1p=sc.b1p, b2p=sc.b2p, eps=sc.eps, eps_root=sc.eps_root, mode=mode
     )
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
+
+
+def adam_leaves(
+    g_l: list[Any], mu_l: list[Any], nu_l: list[Any], nm_l: list[Any], sc: AdamScalars, *, form: MomentForm, mode: EpsilonMode
+) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """:func:`adam_leaf` over lists of leaves: ``(directions, mu, nu, nu_max)``.
+
+    A ``None`` gradient gives a ``None`` direction and leaves that leaf's moments as they are.
+    """
+    d_l, mu_n, nu_n, nm_n = [], [], [], []
+    for g, m, v, vm in zip(g_l, mu_l, nu_l, nm_l):
+        d, m2, v2, vm2 = (None, m, v, vm) if g is None else adam_leaf(g, m, v, vm, sc, form=form, mode=mode)
+        d_l.append(d)
+        mu_n.append(m2)
+        nu_n.append(v2)
+        nm_n.append(vm2)
+    return d_l, mu_n, nu_n, nm_n
 
 
 def _check_adam_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
