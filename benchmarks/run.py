@@ -330,38 +330,49 @@ def targets_md(res: dict) -> str:
         return "n/a" if v is None else ("met" if good else "NOT met")
 
     out = ["| target | this run | status |", "|---|---|---|"]
+
+    def add(target: str, v: Any, shown: Callable[[float], str], good: Callable[[float], bool]) -> None:
+        if v is not None:
+            out.append(f"| {target} | {shown(v)} | {ok(v, good(v))} |")
+
+    pct = lambda v: f"{v:.0f}%"  # noqa: E731
+    ratio = lambda v: f"{v:.2f}"  # noqa: E731
+    times = lambda v: f"{v:.2f}x"  # noqa: E731
     big = [c for c in ("one 16M-param leaf", "one 64M-param leaf") if c in cases]
     for c in big:
         for name in ("adamx.adam fused", "adamx.adamw fused"):
-            v = row(c, name)
-            if v is not None:
-                out.append(f"| {name}, {c}: >= 85% of roofline | {v:.0f}% | {ok(v, v >= 85)} |")
-        v = pair(c, "adamx.adam fused", "optax.adam")
-        if v is not None:
-            out.append(f"| {c}: adamx/optax.adam <= 0.75 (paired) | {v:.2f} | {ok(v, v <= 0.75)} |")
-        v = pair(c, "adamx.adam fused", "torch Adam fused")
-        if v is not None:
-            out.append(f"| {c}: no slower than torch fused (paired ratio <= ~1) | {v:.2f} | {ok(v, v <= 1.05)} |")
-        v = row(c, "adamx.adamw global_clipnorm fused")
-        if v is not None:
-            out.append(f"| {c}: global_clipnorm + wd >= 75% of its 32 B/param | {v:.0f}% | {ok(v, v >= 75)} |")
-        v = pair(c, "adamx.adamw global_clipnorm fused", "optax clip_by_global_norm + adamw")
-        if v is not None:
-            out.append(f"| {c}: clip + wd >= 2x faster than optax's chain | {1 / v:.1f}x | {ok(v, v <= 0.5)} |")
-        v = row(c, "adamx.adam amsgrad fused")
-        if v is not None:
-            out.append(f"| {c}: AMSGrad >= 75% of its 36 B/param | {v:.0f}% | {ok(v, v >= 75)} |")
-        v = pair(c, "adamx.adam use_ema fused", "adamx.adam fused")
-        if v is not None:
-            out.append(f"| {c}: EMA costs only its read+write (36/28 = 1.29x) | {v:.2f}x | {ok(v, v <= 1.36)} |")
-        v = pair(c, "adamx.adam bf16 moments fused", "adamx.adam fused")
-        if v is not None:
-            out.append(f"| {c}: bf16 moments save time (20/28 = 0.71x) | {v:.2f}x | {ok(v, v < 0.9)} |")
+            add(f"{name}, {c}: >= 85% of roofline", row(c, name), pct, lambda v: v >= 85)
+        fused, clip = "adamx.adam fused", "adamx.adamw global_clipnorm fused"
+        add(f"{c}: adamx/optax.adam <= 0.75 (paired)", pair(c, fused, "optax.adam"), ratio, lambda v: v <= 0.75)
+        add(
+            f"{c}: no slower than torch fused (paired ratio <= ~1)",
+            pair(c, fused, "torch Adam fused"),
+            ratio,
+            lambda v: v <= 1.05,
+        )
+        add(f"{c}: global_clipnorm + wd >= 75% of its 32 B/param", row(c, clip), pct, lambda v: v >= 75)
+        add(
+            f"{c}: clip + wd >= 2x faster than optax's chain",
+            pair(c, clip, "optax clip_by_global_norm + adamw"),
+            lambda v: f"{1 / v:.1f}x",
+            lambda v: v <= 0.5,
+        )
+        add(f"{c}: AMSGrad >= 75% of its 36 B/param", row(c, "adamx.adam amsgrad fused"), pct, lambda v: v >= 75)
+        add(
+            f"{c}: EMA costs only its read+write (36/28 = 1.29x)",
+            pair(c, "adamx.adam use_ema fused", fused),
+            times,
+            lambda v: v <= 1.36,
+        )
+        add(
+            f"{c}: bf16 moments save time (20/28 = 0.71x)",
+            pair(c, "adamx.adam bf16 moments fused", fused),
+            times,
+            lambda v: v < 0.9,
+        )
     for c in [c for c in cases if c.startswith("1000 leaves")]:
         for name in ("adamx.adam fused", "adamx.adam fused, flat state", "adamx full Keras set fused, flat state"):
-            v = pair(c, name, "optax.adam")
-            if v is not None:
-                out.append(f"| {c}: {name} / optax.adam <= 0.35 | {v:.2f} | {ok(v, v <= 0.35)} |")
+            add(f"{c}: {name} / optax.adam <= 0.35", pair(c, name, "optax.adam"), ratio, lambda v: v <= 0.35)
         v = pair(c, "dispatch floor, flat state (identity step, same buffers)", "optax.adam")
         if v is not None:
             out.append(f"| {c}: (for scale) a step that does nothing, flat state / optax.adam | {v:.2f} | - |")
