@@ -317,22 +317,22 @@ def adam(
         else:
             u_l, acc_l, mu_l, nu_l, nm_l = jax.lax.cond((n + 1) % k == 0, real_step, micro_step, *ops)
 
-        ema = None
+        ema_l = None
         if use_ema:
-            u_l, ema_l = _averaging.ema_step(
-                p_l, u_l, flat(state.ema), n, ema_momentum, ema_overwrite_frequency, k
-            )
-            ema = jax.tree_util.tree_unflatten(treedef, ema_l)
+            u_l, ema_l = _averaging.ema_step(p_l, u_l, flat(state.ema), n, ema_momentum, ema_overwrite_frequency, k)
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-        new_state = AdamState(
+        return unflat(u_l), next_state(n, unflat, mu_l, nu_l, nm_l, acc_l, ema_l)
+
+    def next_state(n: Any, wrap: Callable[[list[Any]], Any], mu: Any, nu: Any, nm: Any, acc: Any, ema: Any) -> AdamState:
+        """The state after a step: each buffer field's leaves wrapped (tree or flat), unused fields None."""
+        return AdamState(
             count=optax.safe_increment(n),
-            mu=unflat(mu_l),
-            nu=unflat(nu_l),
-            nu_max=unflat(nm_l) if amsgrad else None,
-            acc=unflat(acc_l) if k is not None else None,
-            ema=ema,
+            mu=wrap(mu),
+            nu=wrap(nu),
+            nu_max=wrap(nm) if amsgrad else None,
+            acc=wrap(acc) if k is not None else None,
+            ema=wrap(ema) if use_ema else None,
         )
-        return unflat(u_l), new_state
 
     def _clip(g_l: list[Any]) -> list[Any]:
         if clipnorm is not None:
@@ -347,8 +347,115 @@ def adam(
             return [None if g is None else _clipping.clip_leaf_by_value(g, c) for g in g_l]
         return g_l
 
+    def flat_vector_update(grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
+        """``update`` on flat state with whole-buffer arithmetic (``None``: does not apply).
+
+        The same elementwise operations as ``update_fn`` in the same order, but on one
+        1-D buffer per dtype group instead of per leaf: the gradients are concatenated
+        once, moments, accumulator, clipping and average are whole-buffer operations, and
+        each leaf's update is a slice of the whole-buffer update (``clipnorm`` also takes
+        one norm per slice). A jitted step then has one loop per leaf plus a handful of
+        whole-buffer loops, instead of several loops per leaf.
+        """
+        g_l, p_l, treedef = _tree.align_grads(grads, params)
+        on = [f for f in _FLAT_FIELDS if getattr(state, f) is not None]
+        lay = _flat.layout(p_l, lambda p: _tree.compute_dtype(p.dtype))
+        groups = tuple(s.group for s in lay.slots)
+        if any(g is None for g in g_l) or any(
+            _tree.compute_dtype(g.dtype) != lay.dtypes[s.group] for g, s in zip(g_l, lay.slots)
+        ):
+            return None  # None grads or grads wider than their params: per-leaf path
+        if any(tuple(s.group for s in _flat.layout(p_l, field_dtypes[f]).slots) != groups for f in on):
+            return None  # state fields grouped differently from the arithmetic (e.g. f64 + f32 params with mu_dtype)
+        bufs = {f: _flat.buffers_of(getattr(state, f)) for f in on}
+        for f, b in bufs.items():
+            if [int(x.shape[0]) for x in b] != list(lay.totals):
+                raise ValueError(
+                    f"flat optimizer state does not match params: `{f}` has buffers of sizes "
+                    f"{[int(x.shape[0]) for x in b]}, params need {list(lay.totals)}."
+                )
+        ng = len(lay.dtypes)
+        members = [[i for i, s in enumerate(lay.slots) if s.group == j] for j in range(ng)]
+        cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)  # noqa: E731
+
+        def piece(buf: Any, i: int) -> Any:
+            s = lay.slots[i]
+            return jax.lax.slice(buf[s.group], (s.offset,), (s.offset + s.size,)).reshape(s.shape)
+
+        n = state.count
+        gf = [cat([jnp.ravel(g_l[i]).astype(lay.dtypes[j]) for i in members[j]]) for j in range(ng)]
+        if loss_scale_factor is not None:
+            s = jnp.asarray(loss_scale_factor, jnp.float32)
+            gf = [g / s.astype(g.dtype) for g in gf]
+        nones = [None] * ng
+        ops = (gf, list(bufs.get("acc", nones)), list(bufs["mu"]), list(bufs["nu"]), list(bufs.get("nu_max", nones)))
+
+        lr, sc, wd = step_scalars(hp, k, decay_on, n)
+
+        def real_step(gf, acc, mu, nu, nm):
+            if k is not None:
+                kf = jnp.asarray(k, jnp.float32)
+                gf = [(g + a) / kf.astype(g.dtype) for g, a in zip(gf, acc)]
+                acc = [jnp.zeros_like(a) for a in acc]
+            if clipnorm is not None:  # per tensor: norms of each leaf's slice
+                gf = [cat([jnp.ravel(_clip([piece(gf, i)])[0]) for i in members[j]]) for j in range(ng)]
+            else:
+                gf = _clip(gf)
+            d, mu, nu, nm = _moments.adam_leaves(gf, mu, nu, nm, sc, form="kernel", mode="hat")
+            return d, acc, mu, nu, nm
+
+        def micro_step(gf, acc, mu, nu, nm):
+            return gf, [a + g.astype(a.dtype) for g, a in zip(gf, acc)], mu, nu, nm
+
+        real = None if k is None else (n + 1) % k == 0
+        if real is None:
+            d, acc, mu, nu, nm = real_step(*ops)
+        else:
+            d, acc, mu, nu, nm = jax.lax.cond(real, real_step, micro_step, *ops)
+        keep = _decay.decay_mask_leaves(params, exclude, weight_decay_mask) if decay_on else [False] * len(p_l)
+        pdts = [jnp.dtype(jnp.asarray(p).dtype) for p in p_l]
+
+        def finish(u: Any, p: Any, dec: bool) -> Any:
+            """``u = -d (- lr * wd * p)`` in the params' dtype; zero on micro-steps."""
+            if dec:
+                u = u - (p.astype(u.dtype) * wd.astype(u.dtype)) * lr.astype(u.dtype)
+            u = u.astype(p.dtype)
+            return u if real is None else jnp.where(real, u, jnp.zeros_like(u))
+
+        # Groups whose leaves share the params' dtype and the decay mask get their updates
+        # (and the params an average needs) as whole buffers too: one loop per leaf remains,
+        # the slice of the update (or of the average, on an overwrite step).
+        uniform = [len({(pdts[i], keep[i]) for i in members[j]}) == 1 for j in range(ng)]
+        p_flat: list[Any] = [None] * ng
+        u_flat: list[Any] = [None] * ng
+        for j in range(ng):
+            if uniform[j]:
+                i0 = members[j][0]
+                p_flat[j] = cat([jnp.ravel(p_l[i]) for i in members[j]])
+                u_flat[j] = finish(-d[j], p_flat[j], keep[i0])
+        u_l = [
+            piece(u_flat, i).astype(pdts[i]) if uniform[s.group] else finish(-piece(d, i), p_l[i], keep[i])
+            for i, s in enumerate(lay.slots)
+        ]
+        ema = None
+        if use_ema:
+            mom, one_m, overwrite = _averaging.ema_scalars(n, ema_momentum, ema_overwrite_frequency, k)
+            p_new = [
+                _tree.rounded_sum(p_flat[j], u_flat[j], lay.dtypes[j])
+                if uniform[j]
+                else cat([jnp.ravel(_tree.rounded_sum(p_l[i], u_l[i], lay.dtypes[j])) for i in members[j]])
+                for j in range(ng)
+            ]
+            ema = [mom.astype(a.dtype) * a + one_m.astype(a.dtype) * pn for a, pn in zip(bufs["ema"], p_new)]
+            if overwrite is not None:
+                for i, p in enumerate(p_l):
+                    to_avg = (piece(ema, i) - p.astype(lay.dtypes[lay.slots[i].group])).astype(p.dtype)
+                    u_l[i] = jnp.where(overwrite, to_avg, u_l[i])
+        fb = lambda xs: _flat.FlatBuffers(tuple(xs))  # noqa: E731
+        return jax.tree_util.tree_unflatten(treedef, u_l), next_state(n, fb, mu, nu, nm, acc, ema)
+
     if flat_state:
-        opt = Adam(_flat_init(init_fn, field_dtypes), _flat_update(update_fn, field_dtypes))
+        opt = Adam(_flat_init(init_fn, field_dtypes), _flat_update(update_fn, field_dtypes, flat_vector_update))
     else:
         opt = Adam(init_fn, update_fn)
     opt.hyperparams = dict(hp, mu_dtype=mu_dtype, nu_dtype=nu_dtype, flat_state=bool(flat_state), name=name)
@@ -373,10 +480,16 @@ def _flat_init(init_fn: Callable[[Any], AdamState], dtypes: dict[str, Callable[[
     return flat_init
 
 
-def _flat_update(update_fn: Callable[..., Any], dtypes: dict[str, Callable[[Any], Any]]) -> Callable[..., Any]:
+def _flat_update(
+    update_fn: Callable[..., Any], dtypes: dict[str, Callable[[Any], Any]], vector_update: Callable[..., Any]
+) -> Callable[..., Any]:
     def flat_update(grads: optax.Updates, state: AdamState, params: Optional[optax.Params] = None, **extra: Any):
         if params is None:
             raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
+        out = vector_update(grads, state, params)
+        if out is not None:
+            return out
+        # the per-leaf update on views of the flat buffers (cases the whole-buffer path does not take)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         lays = {f: _flat.layout(leaves, dtypes[f]) for f in _FLAT_FIELDS if getattr(state, f) is not None}
         as_tree = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}

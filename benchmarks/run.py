@@ -26,6 +26,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,6 +72,7 @@ JAX_COMPETITORS: dict[str, tuple[Callable[[], Any], str, float]] = {
     "adamx.adam reference (update + apply_updates)": (lambda: adamx.adam(LR), "ref", 28),
     "adamx.adamw global_clipnorm reference": (lambda: adamx.adamw(LR, 0.01, global_clipnorm=1.0), "ref", 32),
     "adamx.adam amsgrad reference": (lambda: adamx.adam(LR, amsgrad=True), "ref", 36),
+    "adamx.adam reference, flat state": (lambda: adamx.adam(LR, flat_state=True), "ref", 28),
     "adamx.adam fused": (lambda: adamx.adam(LR), "fused", 28),
     "adamx.adamw fused": (lambda: adamx.adamw(LR, 0.01), "fused", 28),
     "adamx.adamw global_clipnorm fused": (lambda: adamx.adamw(LR, 0.01, global_clipnorm=1.0), "fused", 32),
@@ -107,6 +109,7 @@ PAIRS = [
     ("adamx.adam fused", "keras Adam (JAX, stateless_apply)"),
     ("adamx.adam fused", "dispatch floor (identity step, same buffers)"),
     ("adamx.adam fused, flat state", "optax.adam"),
+    ("adamx.adam reference, flat state", "adamx.adam reference (update + apply_updates)"),
     ("adamx.adamw global_clipnorm fused, flat state", "optax clip_by_global_norm + adamw"),
     ("adamx full Keras set fused, flat state", "optax.adam"),
     ("adamx.adam fused, flat state", "dispatch floor, flat state (identity step, same buffers)"),
@@ -216,7 +219,10 @@ COMPILE_KINDS: dict[str, Callable[[], tuple[Any, str]]] = {
     "floor: identity step over the full Keras state": lambda: (full_keras(), "identity"),
     "optax.adam": lambda: (optax.adam(LR, eps=OPTAX_EPS), "optax"),
     "optax clip_by_global_norm + adamw": lambda: (optax_clip_adamw(), "optax"),
+    "adamx reference, adam": lambda: (adamx.adam(LR), "ref"),
     "adamx reference, full Keras set": lambda: (full_keras(), "ref"),
+    "adamx reference flat state, adam": lambda: (adamx.adam(LR, flat_state=True), "ref"),
+    "adamx reference flat state, full Keras set": lambda: (full_keras(flat_state=True), "ref"),
     "adamx fused, adam": lambda: (adamx.adam(LR), "fused"),
     "adamx fused, full Keras set": lambda: (full_keras(), "fused"),
     "floor: identity step over the flat full Keras state": lambda: (full_keras(flat_state=True), "identity"),
@@ -225,11 +231,30 @@ COMPILE_KINDS: dict[str, Callable[[], tuple[Any, str]]] = {
 }
 
 
-def compile_one(kind: str, leaves: int) -> None:
+# Kinds also compiled with 1000 leaves of distinct sizes: XLA:CPU compiles a loop once for all
+# leaves of one shape, so equal leaves flatter per-leaf (tree-state) steps.
+DISTINCT_KINDS = [
+    "optax.adam",
+    "adamx reference, adam",
+    "adamx reference flat state, adam",
+    "adamx reference, full Keras set",
+    "adamx reference flat state, full Keras set",
+    "adamx fused, full Keras set",
+    "adamx fused flat state, full Keras set",
+]
+
+
+def compile_one(kind: str, leaves: int, distinct: bool = False) -> None:
+    """Compile one step in this process; ``distinct``: leaf i has 4096 + i params."""
     tx, mode = COMPILE_KINDS[kind]()
-    shapes = {f"w{i:05d}": (4096,) for i in range(leaves)}
-    params = H.make_tree(shapes, 0)
-    grads = H.make_tree(shapes, 1, 0.01)
+    if distinct:  # numpy: jax.random would compile once per distinct shape
+        rng = np.random.default_rng(0)
+        params = {f"w{i:05d}": jnp.asarray(rng.standard_normal(4096 + i, np.float32)) for i in range(leaves)}
+        grads = {k: jnp.asarray(0.01 * rng.standard_normal(v.shape, np.float32)) for k, v in params.items()}
+    else:
+        shapes = {f"w{i:05d}": (4096,) for i in range(leaves)}
+        params = H.make_tree(shapes, 0)
+        grads = H.make_tree(shapes, 1, 0.01)
     state = tx.init(params)
     step = H.fused_step(tx) if mode == "fused" else H.optax_step(tx)
     if mode == "identity":  # what passing these buffers through a jitted, donated step costs
@@ -244,11 +269,11 @@ def compile_one(kind: str, leaves: int) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
-def compile_times(sizes: list[int], kinds: dict[int, list[str]], timeout: float) -> dict:
+def compile_times(sizes: list[int], kinds: dict[int, list[str]], timeout: float, distinct: bool = False) -> dict:
     res: dict[str, dict[int, Any]] = {}
     for leaves in sizes:
         for kind in kinds[leaves]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--compile-one", kind, str(leaves)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--compile-one", kind, f"{leaves}{'d' if distinct else ''}"]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
                 val: Any = json.loads(r.stdout.strip().splitlines()[-1])["seconds"] if r.returncode == 0 else "error"
@@ -257,7 +282,7 @@ def compile_times(sizes: list[int], kinds: dict[int, list[str]], timeout: float)
             except subprocess.TimeoutExpired:
                 val = f"timed out (>{timeout:.0f} s)"
             res.setdefault(kind, {})[leaves] = val
-            print(f"[compile] {kind} @ {leaves} leaves: {val if isinstance(val, str) else f'{val:.2f} s'}", flush=True)
+            print(f"[compile] {kind} @ {leaves}{' distinct' if distinct else ''} leaves: {val if isinstance(val, str) else f'{val:.2f} s'}", flush=True)
     return res
 
 
@@ -439,6 +464,19 @@ def write_report(res: dict, out_dir: str) -> None:
             cells = ["-" if s not in d else (d[s] if isinstance(d[s], str) else f"{d[s]:.2f} s") for s in sizes]
             md.append(f"| {kind} | " + " | ".join(cells) + " |")
         md.append("")
+    if res.get("compile_distinct"):
+        md += [
+            "### Compile time, 1000 leaves of distinct sizes (leaf i: 4096 + i params)",
+            "",
+            "XLA:CPU compiles a loop once for all leaves of one shape; here no two leaves share one.",
+            "",
+            "| step | 1000 distinct leaves |",
+            "|---|---|",
+        ]
+        for kind, d in res["compile_distinct"].items():
+            v = d.get(1000, "-")
+            md.append(f"| {kind} | {v if isinstance(v, str) else f'{v:.2f} s'} |")
+        md.append("")
     if res.get("memory"):
         md += [
             f"### Memory (compiled memory_analysis, one {res['memory_n']:,}-param float32 leaf, donated)",
@@ -511,12 +549,14 @@ def main() -> None:
     ap.add_argument("--compile-one", nargs=2, metavar=("KIND", "LEAVES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_one:
-        compile_one(args.compile_one[0], int(args.compile_one[1]))
+        kind, leaves = args.compile_one
+        compile_one(kind, int(leaves.rstrip("d")), distinct=leaves.endswith("d"))
         return
     if args.replot:
         with open(args.replot) as f:
             res = json.load(f)
-        res["compile"] = {k: {int(n): v for n, v in d.items()} for k, d in res.get("compile", {}).items()}
+        for key in ("compile", "compile_distinct"):
+            res[key] = {k: {int(n): v for n, v in d.items()} for k, d in res.get(key, {}).items()}
         write_report(res, os.path.dirname(os.path.abspath(args.replot)))
         return
     t_start = time.perf_counter()
@@ -586,7 +626,13 @@ def main() -> None:
         "adamx.adamw global_clipnorm fused, flat state",
         "adamx full Keras set fused, flat state",
     ]
-    case = time_case("1000 leaves x 4096 params", many, names, 7 if quick else 20, ("torch", "keras", "floor"))
+    case = time_case(
+        "1000 leaves x 4096 params",
+        many,
+        [*names, "adamx.adam reference, flat state"],
+        7 if quick else 20,
+        ("torch", "keras", "floor"),
+    )
     amort = time_case(
         "1000 leaves x 4096 params, 10 steps per call (dispatch amortized)",
         many,
@@ -623,6 +669,8 @@ def main() -> None:
             res["compile"] = compile_times([10, 1000, 4000], {10: every, 1000: every, 4000: at4000}, timeout=60)
         else:
             res["compile"] = compile_times([10, 1000, 4000], {10: every, 1000: every, 4000: every}, timeout=400)
+        distinct = [k for k in DISTINCT_KINDS if not (quick and k == "adamx reference, full Keras set")]
+        res["compile_distinct"] = compile_times([1000], {1000: distinct}, timeout=400, distinct=True)
     # 5. memory
     res["memory_n"] = 4 * 2**20
     res["memory"] = memory_table(res["memory_n"])

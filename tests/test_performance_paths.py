@@ -44,10 +44,12 @@ def _is_shape(x):
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
-def make_params(seed=0):
+def make_params(seed=0, subset=None):
     out = {}
     key = jax.random.PRNGKey(seed)
     for name, sub in SHAPES.items():
+        if subset is not None and name not in subset:
+            continue
         leaves, td = jax.tree_util.tree_flatten(sub, is_leaf=_is_shape)
         keys = jax.random.split(jax.random.fold_in(key, len(out)), len(leaves))
         out[name] = jax.tree_util.tree_unflatten(
@@ -82,8 +84,8 @@ def fused_step(opt):
     return jax.jit(lambda grads, state, params: opt.apply_gradients(grads, state, params))
 
 
-def run(step, opt, n_steps):
-    params = make_params()
+def run(step, opt, n_steps, subset=None):
+    params = make_params(subset=subset)
     state = opt.init(params)
     for i in range(n_steps):
         params, state = step(make_grads(params, i), state, params)
@@ -288,21 +290,55 @@ def as_tree_state(flat_state, tree_state):
     return flat_state._replace(**fields)
 
 
+# Trees for the flat reference path: every dtype in one float32 arithmetic group (leaves of
+# several storage dtypes: updates per leaf), and groups of one storage dtype (updates and
+# the average's params as whole buffers, unless the decay mask splits the group).
+FLAT_TREES = {"mixed": None, "f32": ("f32",), "bf16": ("bf16", "bf16_f32grad")}
+
+
+@pytest.mark.parametrize("tree", list(FLAT_TREES))
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_flat_state_reference_path_equals_tree_state(option):
-    """flat_state changes storage only: the reference path gives bit-identical params and state,
-    except that over slices of a flat buffer XLA may sum a clipping norm in another order
-    or contract the average's multiply-add differently (a float32 rounding)."""
+def test_flat_state_reference_path_equals_tree_state(option, tree):
+    """flat_state changes storage only: the reference path (whole-buffer arithmetic on the
+    flat buffers) gives bit-identical params and state, except that XLA may sum a clipping
+    norm in another order over slices of a flat buffer, or contract a multiply-add into an
+    FMA in one loop and not in the other (one float32 rounding: the tolerance)."""
     tree_opt = adamx.adam(**OPTIONS[option])
     flat_opt = adamx.adam(**OPTIONS[option], flat_state=True)
-    exact = not ({"clipnorm", "global_clipnorm", "use_ema"} & set(OPTIONS[option]))
-    tp, ts = run(ref_step(tree_opt), tree_opt, 5)
-    fp, fs = run(ref_step(flat_opt), flat_opt, 5)
+    exact = not ({"clipnorm", "global_clipnorm", "use_ema", "gradient_accumulation_steps"} & set(OPTIONS[option]))
+    tp, ts = run(ref_step(tree_opt), tree_opt, 5, FLAT_TREES[tree])
+    fp, fs = run(ref_step(flat_opt), flat_opt, 5, FLAT_TREES[tree])
     assert_trees_close((fp, as_tree_state(fs, ts)), (tp, ts), exact=exact)
     if OPTIONS[option].get("use_ema"):
         assert_trees_close(
             adamx.finalize_variable_values(fp, fs), adamx.finalize_variable_values(tp, ts), exact=exact
         )
+
+
+def _loops(opt, params):
+    """Kernels (fusions) in the compiled reference step ``update + apply_updates``."""
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    txt = jax.jit(step).lower(params, opt.init(params), params).compile().as_text()
+    return len(re.findall(r"= \S+ fusion\(", txt))
+
+
+def test_flat_reference_path_is_one_loop_per_leaf():
+    """With flat state the moments, accumulator, clipping and average are whole-buffer loops:
+    each extra leaf adds exactly one loop (its update), with every Keras option on. A decay
+    mask that splits a dtype group costs a second loop per leaf (the average's params)."""
+    kw = dict(
+        weight_decay=0.1, amsgrad=True, global_clipnorm=1.0, use_ema=True, ema_overwrite_frequency=3,
+        gradient_accumulation_steps=2, loss_scale_factor=4.0, flat_state=True,
+    )
+    trees = {n: {f"w{i:02d}": jnp.ones((i + 3,)) for i in range(n)} for n in (10, 20)}
+    uniform = {n: _loops(adamx.adam(**kw), t) for n, t in trees.items()}
+    assert uniform[20] - uniform[10] == 10, uniform
+    masked = {n: _loops(adamx.adam(**kw, weight_decay_mask=lambda p: {k: k != "w00" for k in p}), t) for n, t in trees.items()}
+    assert masked[20] - masked[10] == 20, masked
 
 
 @needs_kernel
