@@ -277,34 +277,23 @@ def adam(
         acc_l = flat(state.acc) if k is not None else [None] * nl
         n = state.count
 
-        g_l = [None if g is None else g.astype(_tree.compute_dtype(g.dtype)) for g in g_l]
-        if loss_scale_factor is not None:
-            s = jnp.asarray(loss_scale_factor, jnp.float32)
-            g_l = [None if g is None else g / s.astype(g.dtype) for g in g_l]
+        g_l = unscale([None if g is None else g.astype(_tree.compute_dtype(g.dtype)) for g in g_l])
         keep = _decay.decay_mask_leaves(params, exclude, weight_decay_mask) if decay_on else [False] * nl
 
         def real_step(g_l, acc_l, mu_l, nu_l, nm_l):
             if k is not None:
-                kf = jnp.asarray(k, jnp.float32)
-                g_l = [None if g is None else (g + a) / kf.astype(g.dtype) for g, a in zip(g_l, acc_l)]
-                acc_l = [jnp.zeros_like(a) for a in acc_l]
+                g_l, acc_l = window_mean(g_l, acc_l)
             g_l = _clip(g_l)
             lr, sc, wd = step_scalars(hp, k, decay_on, n)
             d_l, mu_n, nu_n, nm_n = _moments.adam_leaves(g_l, mu_l, nu_l, nm_l, sc, form="kernel", mode="hat")
-            u_l = []
-            for g, p, d, dec in zip(g_l, p_l, d_l, keep):
-                if d is None:
-                    u_l.append(None)
-                    continue
-                u = -d
-                if dec:
-                    pf = p.astype(d.dtype)
-                    u = u - (pf * wd.astype(d.dtype)) * lr.astype(d.dtype)
-                u_l.append(u.astype(g.dtype if p is None else jnp.asarray(p).dtype))
+            u_l = [
+                None if d is None else descent(d, p, dec, lr, wd, g.dtype if p is None else jnp.asarray(p).dtype)
+                for g, p, d, dec in zip(g_l, p_l, d_l, keep)
+            ]
             return u_l, acc_l, mu_n, nu_n, nm_n
 
         def micro_step(g_l, acc_l, mu_l, nu_l, nm_l):
-            acc_l = [a if g is None else a + g.astype(a.dtype) for g, a in zip(g_l, acc_l)]
+            acc_l = accumulate(g_l, acc_l)
             u_l = [
                 None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.asarray(p).dtype)
                 for g, p in zip(g_l, p_l)
@@ -333,6 +322,32 @@ def adam(
             acc=wrap(acc) if k is not None else None,
             ema=wrap(ema) if use_ema else None,
         )
+
+    def unscale(g_l: list[Any]) -> list[Any]:
+        """Gradients divided by ``loss_scale_factor`` (``None`` leaves stay ``None``)."""
+        if loss_scale_factor is None:
+            return g_l
+        s = jnp.asarray(loss_scale_factor, jnp.float32)
+        return [None if g is None else g / s.astype(g.dtype) for g in g_l]
+
+    def window_mean(g_l: list[Any], acc_l: list[Any]) -> tuple[list[Any], list[Any]]:
+        """The last micro-step of an accumulation window: mean gradient, accumulators reset."""
+        kf = jnp.asarray(k, jnp.float32)
+        return (
+            [None if g is None else (g + a) / kf.astype(g.dtype) for g, a in zip(g_l, acc_l)],
+            [jnp.zeros_like(a) for a in acc_l],
+        )
+
+    def accumulate(g_l: list[Any], acc_l: list[Any]) -> list[Any]:
+        """A micro-step: gradients added to the accumulators."""
+        return [a if g is None else a + g.astype(a.dtype) for g, a in zip(g_l, acc_l)]
+
+    def descent(d: Any, p: Any, dec: bool, lr: Any, wd: Any, dtype: Any) -> Any:
+        """The update ``-d``, minus ``lr * wd * p`` where the leaf is decayed, in ``dtype``."""
+        u = -d
+        if dec:
+            u = u - (p.astype(d.dtype) * wd.astype(d.dtype)) * lr.astype(d.dtype)
+        return u.astype(dtype)
 
     def _clip(g_l: list[Any]) -> list[Any]:
         if clipnorm is not None:
@@ -367,26 +382,16 @@ def adam(
             return None  # None grads or grads wider than their params: per-leaf path
         if any(tuple(s.group for s in _flat.layout(p_l, field_dtypes[f]).slots) != groups for f in on):
             return None  # state fields grouped differently from the arithmetic (e.g. f64 + f32 params with mu_dtype)
-        bufs = {f: _flat.buffers_of(getattr(state, f)) for f in on}
-        for f, b in bufs.items():
-            if [int(x.shape[0]) for x in b] != list(lay.totals):
-                raise ValueError(
-                    f"flat optimizer state does not match params: `{f}` has buffers of sizes "
-                    f"{[int(x.shape[0]) for x in b]}, params need {list(lay.totals)}."
-                )
+        bufs = {f: _flat.checked_buffers(getattr(state, f), lay, f) for f in on}
         ng = len(lay.dtypes)
         members = [[i for i, s in enumerate(lay.slots) if s.group == j] for j in range(ng)]
         cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)  # noqa: E731
 
         def piece(buf: Any, i: int) -> Any:
-            s = lay.slots[i]
-            return jax.lax.slice(buf[s.group], (s.offset,), (s.offset + s.size,)).reshape(s.shape)
+            return _flat.view(buf, lay.slots[i])
 
         n = state.count
-        gf = [cat([jnp.ravel(g_l[i]).astype(lay.dtypes[j]) for i in members[j]]) for j in range(ng)]
-        if loss_scale_factor is not None:
-            s = jnp.asarray(loss_scale_factor, jnp.float32)
-            gf = [g / s.astype(g.dtype) for g in gf]
+        gf = unscale(list(_flat.pack(g_l, lay).buffers))
         nones = [None] * ng
         ops = (gf, list(bufs.get("acc", nones)), list(bufs["mu"]), list(bufs["nu"]), list(bufs.get("nu_max", nones)))
 
@@ -394,18 +399,16 @@ def adam(
 
         def real_step(gf, acc, mu, nu, nm):
             if k is not None:
-                kf = jnp.asarray(k, jnp.float32)
-                gf = [(g + a) / kf.astype(g.dtype) for g, a in zip(gf, acc)]
-                acc = [jnp.zeros_like(a) for a in acc]
+                gf, acc = window_mean(gf, acc)
             if clipnorm is not None:  # per tensor: norms of each leaf's slice
-                gf = [cat([jnp.ravel(_clip([piece(gf, i)])[0]) for i in members[j]]) for j in range(ng)]
+                gf = list(_flat.pack(_clip([piece(gf, i) for i in range(len(p_l))]), lay).buffers)
             else:
                 gf = _clip(gf)
             d, mu, nu, nm = _moments.adam_leaves(gf, mu, nu, nm, sc, form="kernel", mode="hat")
             return d, acc, mu, nu, nm
 
         def micro_step(gf, acc, mu, nu, nm):
-            return gf, [a + g.astype(a.dtype) for g, a in zip(gf, acc)], mu, nu, nm
+            return gf, accumulate(gf, acc), mu, nu, nm
 
         real = None if k is None else (n + 1) % k == 0
         if real is None:
@@ -415,11 +418,9 @@ def adam(
         keep = _decay.decay_mask_leaves(params, exclude, weight_decay_mask) if decay_on else [False] * len(p_l)
         pdts = [jnp.dtype(jnp.asarray(p).dtype) for p in p_l]
 
-        def finish(u: Any, p: Any, dec: bool) -> Any:
-            """``u = -d (- lr * wd * p)`` in the params' dtype; zero on micro-steps."""
-            if dec:
-                u = u - (p.astype(u.dtype) * wd.astype(u.dtype)) * lr.astype(u.dtype)
-            u = u.astype(p.dtype)
+        def finish(d: Any, p: Any, dec: bool) -> Any:
+            """The update in the params' dtype; zero on micro-steps (``d`` is a placeholder there)."""
+            u = descent(d, p, dec, lr, wd, p.dtype)
             return u if real is None else jnp.where(real, u, jnp.zeros_like(u))
 
         # Groups whose leaves share the params' dtype and the decay mask get their updates
@@ -432,9 +433,9 @@ def adam(
             if uniform[j]:
                 i0 = members[j][0]
                 p_flat[j] = cat([jnp.ravel(p_l[i]) for i in members[j]])
-                u_flat[j] = finish(-d[j], p_flat[j], keep[i0])
+                u_flat[j] = finish(d[j], p_flat[j], keep[i0])
         u_l = [
-            piece(u_flat, i).astype(pdts[i]) if uniform[s.group] else finish(-piece(d, i), p_l[i], keep[i])
+            piece(u_flat, i) if uniform[s.group] else finish(piece(d, i), p_l[i], keep[i])
             for i, s in enumerate(lay.slots)
         ]
         ema = None

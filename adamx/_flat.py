@@ -77,15 +77,27 @@ def zeros(lay: Layout) -> FlatBuffers:
     return FlatBuffers(tuple(jnp.zeros((n,), dt) for n, dt in zip(lay.totals, lay.dtypes)))
 
 
-def unpack(flat: FlatBuffers, lay: Layout) -> list[jax.Array]:
-    """The leaves, as slices of the flat buffers."""
+def checked_buffers(flat: FlatBuffers, lay: Layout, name: str | None = None) -> tuple[Any, ...]:
+    """The arrays of ``flat``; a ``ValueError`` (naming the state field ``name``) unless they fit ``lay``."""
     bufs = buffers_of(flat)
     if len(bufs) != len(lay.dtypes) or any(int(b.shape[0]) != n for b, n in zip(bufs, lay.totals)):
         raise ValueError(
-            "flat optimizer state does not match params: buffers of sizes "
-            f"{[int(b.shape[0]) for b in bufs]}, params need {list(lay.totals)}."
+            "flat optimizer state does not match params: "
+            + ("buffers" if name is None else f"`{name}` has buffers")
+            + f" of sizes {[int(b.shape[0]) for b in bufs]}, params need {list(lay.totals)}."
         )
-    return [jax.lax.slice(bufs[s.group], (s.offset,), (s.offset + s.size,)).reshape(s.shape) for s in lay.slots]
+    return bufs
+
+
+def view(bufs: Sequence[Any], s: Slot) -> jax.Array:
+    """One leaf of a flat state: its slice of its group's buffer, in its shape."""
+    return jax.lax.slice(bufs[s.group], (s.offset,), (s.offset + s.size,)).reshape(s.shape)
+
+
+def unpack(flat: FlatBuffers, lay: Layout) -> list[jax.Array]:
+    """The leaves, as slices of the flat buffers."""
+    bufs = checked_buffers(flat, lay)
+    return [view(bufs, s) for s in lay.slots]
 
 
 def buffers_of(flat: Any) -> tuple[Any, ...]:
