@@ -6,7 +6,6 @@ from adamx import fused as fused
 from adamx import schedules as schedules
 from adamx import sharding as sharding
 from adamx._adam import Adam as Adam
-from adamx._adam import AdamState as AdamState
 from adamx._adam import adam as adam
 from adamx._adam import adamw as adamw
 from adamx._averaging import EmaParamsState as EmaParamsState
@@ -20,6 +19,9 @@ from adamx._decay import decoupled_weight_decay as decoupled_weight_decay
 from adamx._flat import FlatBuffers as FlatBuffers
 from adamx._moments import ScaleByAdamState as ScaleByAdamState
 from adamx._moments import scale_by_adam as scale_by_adam
+from adamx._spec import AdamOptions as AdamOptions
+from adamx._spec import AdamSpec as AdamSpec
+from adamx._state import AdamState as AdamState
 from adamx._tf1 import Tf1AdamState as Tf1AdamState
 from adamx._tf1 import tf1_adam as tf1_adam
 
@@ -30,6 +32,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "Adam",
+    "AdamOptions",
+    "AdamSpec",
     "AdamState",
     "EmaParamsState",
     "FlatBuffers",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,17 @@ def ema_buffers(params: Any, dtype: Any | None = None) -> Any:
 
 def ema_scalars(
     count: jax.Array, momentum: Any, overwrite_frequency: Any | None, accumulation_steps: Any | None
-) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(mom, 1 - mom, overwrite or None)`` for the EMA after ``count`` calls (see :func:`ema_step`)."""
     it = count if accumulation_steps is None else count // accumulation_steps
     mom = jnp.where(it != 0, jnp.asarray(momentum, jnp.float32), 0.0)
     overwrite = None if overwrite_frequency is None else (it + 1) % overwrite_frequency == 0
     return mom, 1 - mom, overwrite
+
+
+def average_leaf(mom: jax.Array, one_m: jax.Array, avg: jax.Array, p_new: jax.Array) -> jax.Array:
+    """One average: ``mom * avg + (1 - mom) * p_new`` in the average's dtype."""
+    return mom.astype(avg.dtype) * avg + one_m.astype(avg.dtype) * p_new
 
 
 def ema_step(
@@ -59,7 +64,7 @@ def ema_step(
     new_u, new_avg = [], []
     for p, u, a in zip(p_leaves, u_leaves, avg_leaves):
         p_new = p.astype(a.dtype) if u is None else _tree.rounded_sum(p, u, a.dtype)
-        a_new = mom.astype(a.dtype) * a + one_m.astype(a.dtype) * p_new
+        a_new = average_leaf(mom, one_m, a, p_new)
         new_avg.append(a_new)
         if overwrite is not None:
             pdt = jnp.asarray(p).dtype
@@ -71,9 +76,9 @@ def ema_step(
 
 def ema_params(
     momentum: float = 0.99,
-    overwrite_frequency: Optional[int] = None,
+    overwrite_frequency: int | None = None,
     *,
-    accumulation_steps: Optional[int] = None,
+    accumulation_steps: int | None = None,
     ema_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
     r"""Keep an exponential moving average of the parameters (Keras ``use_ema``).
@@ -110,10 +115,12 @@ def ema_params(
     _hyper.check_int("ema_overwrite_frequency", overwrite_frequency, lo=1)
     _hyper.check_int("accumulation_steps", accumulation_steps, lo=1)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> EmaParamsState:
         return EmaParamsState(count=jnp.zeros([], jnp.int32), ema=ema_buffers(params, ema_dtype))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(
+        updates: optax.Updates, state: EmaParamsState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, EmaParamsState]:
         if params is None:
             raise ValueError("ema_params needs `params`: call update(updates, state, params).")
         u_leaves, p_leaves, treedef = _tree.align_grads(updates, params)

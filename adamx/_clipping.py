@@ -62,7 +62,9 @@ def clip_by_norm(max_norm: float) -> optax.GradientTransformation:
     """
     _hyper.check_scalar("clipnorm", max_norm, lo=0.0, lo_open=True)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.OptState]:
         del params
         c = jnp.asarray(max_norm, jnp.float32)
         return jax.tree.map(lambda g: clip_leaf_by_norm(g, c), updates), state
@@ -85,7 +87,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """
     _hyper.check_scalar("global_clipnorm", max_norm, lo=0.0, lo_open=True)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.OptState]:
         del params
         c = jnp.asarray(max_norm, jnp.float32)
         leaves, treedef = jax.tree_util.tree_flatten(updates)

@@ -4,33 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from adamx import schedules
 from adamx._adam import Adam, adam
+from adamx._spec import ADAMX_KEYS, KERAS3_KEYS
 
-# The keys Keras 3's Adam.get_config() prints, in its order.
-KERAS3_KEYS = (
-    "name",
-    "learning_rate",
-    "weight_decay",
-    "clipnorm",
-    "global_clipnorm",
-    "clipvalue",
-    "use_ema",
-    "ema_momentum",
-    "ema_overwrite_frequency",
-    "loss_scale_factor",
-    "gradient_accumulation_steps",
-    "beta_1",
-    "beta_2",
-    "epsilon",
-    "amsgrad",
-)
 # Keys only older tf.keras (TF 2.x) printed: accepted, and what they mean.
 LEGACY_KEYS = ("decay", "jit_compile", "is_legacy_optimizer", "lr")
-# adamx's own options, written only with include_adamx=True.
-ADAMX_KEYS = ("exclude_from_weight_decay", "mu_dtype", "nu_dtype", "flat_state")
 
 
 def from_keras_config(config: dict[str, Any]) -> Adam:
@@ -50,7 +29,7 @@ def from_keras_config(config: dict[str, Any]) -> Adam:
       >>> import adamx
       >>> opt = adamx.from_keras_config({'name': 'Adam', 'learning_rate': 0.001, 'decay': 0.0,
       ...     'beta_1': 0.9, 'beta_2': 0.999, 'epsilon': 1e-07, 'amsgrad': False})
-      >>> opt.hyperparams["epsilon"]
+      >>> opt.spec.epsilon
       1e-07
     """
     if not isinstance(config, dict):
@@ -92,10 +71,6 @@ def from_keras_config(config: dict[str, Any]) -> Adam:
     return adam(learning_rate=lr, name=str(cfg.get("name") or "adam"), **kwargs)
 
 
-def _f32_float(x: Any) -> Any:
-    return float(np.float32(x))
-
-
 def to_keras_config(opt: Adam, *, include_adamx: bool = False) -> dict[str, Any]:
     """The Keras 3 ``Adam.get_config()`` dict for an :func:`adamx.adam` optimizer.
 
@@ -110,35 +85,4 @@ def to_keras_config(opt: Adam, *, include_adamx: bool = False) -> dict[str, Any]
     """
     if not isinstance(opt, Adam):
         raise TypeError(f"to_keras_config takes an optimizer made by adamx.adam/adamw, got {type(opt).__name__}.")
-    hp = opt.hyperparams
-    lr = hp["learning_rate"]
-    if isinstance(lr, schedules.KerasSchedule):
-        lr_out: Any = lr.serialize()
-    elif callable(lr):
-        raise ValueError("`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config.")
-    else:
-        lr_out = _f32_float(lr)
-    for k in ("beta_1", "beta_2", "weight_decay"):
-        if callable(hp[k]):
-            raise ValueError(f"`{k}` is a schedule: Keras's config has no place for it.")
-    if hp["weight_decay_mask"] is not None:
-        raise ValueError("`weight_decay_mask` cannot be written into a config; use exclude_from_weight_decay.")
-    out: dict[str, Any] = {"name": hp["name"], "learning_rate": lr_out}
-    for k in KERAS3_KEYS[2:]:
-        v = hp[k]
-        out[k] = float(v) if isinstance(v, (np.floating, np.integer)) and not isinstance(v, bool) else v
-    extra = {k: hp[k] for k in ADAMX_KEYS if hp.get(k) is not None and hp.get(k) is not False}
-    if not include_adamx:
-        extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
-    if extra and not include_adamx:
-        raise ValueError(
-            f"Keras's Adam config has no key for {sorted(extra)}; pass include_adamx=True to add them "
-            "(Keras itself will then refuse the config)."
-        )
-    for k, v in extra.items():
-        if k == "flat_state":
-            out[k] = bool(v)
-        else:
-            out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
-    return out
-
+    return opt.spec.keras_config(include_adamx=include_adamx)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +12,12 @@ import optax
 
 from adamx import _hyper, _tree
 
-MaskOrFn = Union[Any, Callable[[optax.Params], Any], None]
+MaskOrFn = Any  # a pytree of bools, a callable params -> such a pytree, or None
 
 
 def decay_mask_leaves(
     params: Any,
-    exclude_from_weight_decay: Optional[Sequence[str]] = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     weight_decay_mask: MaskOrFn = None,
 ) -> list[bool]:
     """Which leaves of ``params`` are decayed, as a list of Python bools in leaf order.
@@ -70,7 +70,7 @@ def check_exclude(exclude_from_weight_decay: Any) -> None:
 def decoupled_weight_decay(
     weight_decay: Any,
     *,
-    exclude_from_weight_decay: Optional[Sequence[str]] = None,
+    exclude_from_weight_decay: Sequence[str] | None = None,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
     r"""Add ``weight_decay * params`` to the updates of the decayed leaves.
@@ -94,11 +94,13 @@ def decoupled_weight_decay(
     _hyper.check_scalar("weight_decay", weight_decay, lo=0.0, allow_schedule=True)
     check_exclude(exclude_from_weight_decay)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.ScaleByScheduleState:
         del params
         return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(
+        updates: optax.Updates, state: optax.ScaleByScheduleState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.ScaleByScheduleState]:
         if params is None:
             raise ValueError("decoupled_weight_decay needs `params`: call update(updates, state, params).")
         u_leaves, p_leaves, treedef = _tree.align_grads(updates, params)

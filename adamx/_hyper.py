@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Schedule = Callable[[jax.Array], Any]
-ScalarOrSchedule = Union[float, jax.Array, Schedule]
+ScalarOrSchedule = float | jax.Array | Schedule
 
 
 def concrete(x: Any) -> float | None:

@@ -7,7 +7,7 @@ PyTorch conventions differ only by options.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,8 @@ def update_moments(
     m: jax.Array,
     v: jax.Array,
     *,
-    b1: jax.Array,
-    b2: jax.Array,
+    b1: jax.Array | None,
+    b2: jax.Array | None,
     c1: jax.Array,
     c2: jax.Array,
     form: MomentForm,
@@ -39,7 +39,13 @@ def update_moments(
     """
     if form == "kernel":
         return m + (g - m) * c1, v + (g * g - v) * c2
+    assert b1 is not None and b2 is not None, "the textbook form needs b1 and b2"
     return m * b1 + g * c1, v * b2 + (g * g) * c2
+
+
+def direction_hat(m: jax.Array, v: jax.Array, *, alpha: jax.Array, eps: jax.Array) -> jax.Array:
+    """Keras/TF's step direction: ``(m * alpha) / (sqrt(v) + eps)``, ``eps`` is "epsilon hat"."""
+    return (m * alpha) / (jnp.sqrt(v) + eps)
 
 
 def direction(
@@ -61,7 +67,7 @@ def direction(
     with ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
     """
     if mode == "hat":
-        return (m * alpha) / (jnp.sqrt(v) + eps)
+        return direction_hat(m, v, alpha=alpha, eps=eps)
     m_hat = m / (1 - b1p)
     v_hat = v / (1 - b2p)
     return alpha * (m_hat / (jnp.sqrt(v_hat + eps_root) + eps))
@@ -73,7 +79,7 @@ class ScaleByAdamState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; completed steps, saturating
     mu: optax.Updates  # first moment, like params, dtype mu_dtype
     nu: optax.Updates  # second moment, like params, dtype nu_dtype
-    nu_max: Optional[optax.Updates]  # AMSGrad: running max of raw nu; None without amsgrad
+    nu_max: optax.Updates | None  # AMSGrad: running max of raw nu; None without amsgrad
 
 
 def moment_buffers(params: Any, dtype: Any | None) -> Any:
@@ -152,7 +158,9 @@ def scale_by_adam(
             nu_max=moment_buffers(params, nu_dtype) if amsgrad else None,
         )
 
-    def update_fn(updates: optax.Updates, state: ScaleByAdamState, params: Any = None):
+    def update_fn(
+        updates: optax.Updates, state: ScaleByAdamState, params: Any = None
+    ) -> tuple[optax.Updates, ScaleByAdamState]:
         del params
         g_leaves, _, treedef = _tree.align_grads(updates, state.mu)
         sc = adam_scalars(

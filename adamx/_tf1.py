@@ -73,7 +73,7 @@ def tf1_adam(
     _hyper.check_scalar("learning_rate", learning_rate, lo=0.0, allow_schedule=True)
     _moments._check_adam_args(beta1, beta2, epsilon)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> Tf1AdamState:
         zero = jnp.zeros([], jnp.int32)
         return Tf1AdamState(
             count=zero,
@@ -83,9 +83,11 @@ def tf1_adam(
             nu=_moments.moment_buffers(params, nu_dtype),
         )
 
-    def update_fn(grads, state, params=None, **extra):
+    def update_fn(
+        grads: optax.Updates, state: Tf1AdamState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, Tf1AdamState]:
         del extra
-        treedef = jax.tree_util.tree_structure(state.mu)
+        treedef: Any = jax.tree_util.tree_structure(state.mu)
         raw = treedef.flatten_up_to(grads)
         sparse_leaf = [isinstance(g, jsparse.BCOO) for g in raw]
         g_l, _, _ = _tree.align_grads(grads, state.mu)
@@ -103,7 +105,9 @@ def tf1_adam(
         )
         mu_l, nu_l = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         p_l = treedef.flatten_up_to(params) if params is not None else [None] * len(g_l)
-        u_l, mu_n, nu_n = [], [], []
+        u_l: list[Any] = []
+        mu_n: list[Any] = []
+        nu_n: list[Any] = []
         for g, m, v, p, sp in zip(g_l, mu_l, nu_l, p_l, sparse_leaf):
             if g is None:
                 u_l.append(None)

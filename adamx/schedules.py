@@ -18,9 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -37,23 +37,25 @@ def _positive(name: str, value: Any) -> None:
 
 
 class KerasSchedule:
-    """Base: a callable ``count -> learning rate`` with Keras's ``get_config``."""
+    """Base: a callable ``count -> learning rate`` with Keras's ``get_config``.
+
+    Each schedule is a dataclass whose fields, in order, are the keys of Keras's config.
+    """
 
     class_name: ClassVar[str]
-    _fields: ClassVar[tuple[str, ...]]
 
     def __call__(self, count: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self._fields}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def serialize(self) -> dict[str, Any]:
         """Keras's serialized form, as found in ``Adam.get_config()['learning_rate']``."""
         return {"module": _MODULE, "class_name": self.class_name, "config": self.get_config(), "registered_name": None}
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.get_config() == other.get_config()  # type: ignore[attr-defined]
+        return isinstance(other, KerasSchedule) and type(self) is type(other) and self.get_config() == other.get_config()
 
     def __hash__(self) -> int:
         return hash((type(self), repr(sorted(self.get_config().items()))))
@@ -63,19 +65,20 @@ class KerasSchedule:
         return f"{type(self).__name__}({args})"
 
 
+@dataclasses.dataclass(eq=False)
 class ExponentialDecay(KerasSchedule):
     """``initial_learning_rate * decay_rate ** (step / decay_steps)`` (floored if ``staircase``)."""
 
     class_name = "ExponentialDecay"
-    _fields = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False, name: str = "ExponentialDecay"):
-        _positive("decay_steps", decay_steps)
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
+    initial_learning_rate: float
+    decay_steps: int
+    decay_rate: float
+    staircase: bool = False
+    name: str = "ExponentialDecay"
+
+    def __post_init__(self) -> None:
+        _positive("decay_steps", self.decay_steps)
 
     def __call__(self, count: Any) -> Any:
         p = _f32(count) / _f32(self.decay_steps)
@@ -84,22 +87,25 @@ class ExponentialDecay(KerasSchedule):
         return _f32(self.initial_learning_rate) * jnp.power(_f32(self.decay_rate), p)
 
 
+@dataclasses.dataclass(eq=False)
 class PiecewiseConstantDecay(KerasSchedule):
     """``values[0]`` while ``step <= boundaries[0]``, ``values[i]`` on ``(b[i-1], b[i]]``, ``values[-1]`` after."""
 
     class_name = "PiecewiseConstantDecay"
-    _fields = ("boundaries", "values", "name")
 
-    def __init__(self, boundaries: Sequence[Any], values: Sequence[float], name: str = "PiecewiseConstant"):
-        if len(boundaries) != len(values) - 1:
+    boundaries: list[Any]
+    values: list[float]
+    name: str = "PiecewiseConstant"
+
+    def __post_init__(self) -> None:
+        if len(self.boundaries) != len(self.values) - 1:
             raise ValueError(
                 "The length of boundaries should be 1 less than the length of values. "
-                f"Received: boundaries={boundaries} of length {len(boundaries)}, and "
-                f"values={values} of length {len(values)}."
+                f"Received: boundaries={self.boundaries} of length {len(self.boundaries)}, and "
+                f"values={self.values} of length {len(self.values)}."
             )
-        self.boundaries = list(boundaries)
-        self.values = list(values)
-        self.name = name
+        self.boundaries = list(self.boundaries)
+        self.values = list(self.values)
 
     def __call__(self, count: Any) -> Any:
         step = jnp.asarray(count)
@@ -112,20 +118,21 @@ class PiecewiseConstantDecay(KerasSchedule):
         return out
 
 
+@dataclasses.dataclass(eq=False)
 class PolynomialDecay(KerasSchedule):
     """``(init - end) * (1 - step/decay_steps) ** power + end``; ``cycle`` restarts at multiples."""
 
     class_name = "PolynomialDecay"
-    _fields = ("initial_learning_rate", "decay_steps", "end_learning_rate", "power", "cycle", "name")
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, end_learning_rate: float = 0.0001, power: float = 1.0, cycle: bool = False, name: str = "PolynomialDecay"):
-        _positive("decay_steps", decay_steps)
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.end_learning_rate = end_learning_rate
-        self.power = power
-        self.cycle = cycle
-        self.name = name
+    initial_learning_rate: float
+    decay_steps: int
+    end_learning_rate: float = 0.0001
+    power: float = 1.0
+    cycle: bool = False
+    name: str = "PolynomialDecay"
+
+    def __post_init__(self) -> None:
+        _positive("decay_steps", self.decay_steps)
 
     def __call__(self, count: Any) -> Any:
         init = _f32(self.initial_learning_rate)
@@ -141,19 +148,20 @@ class PolynomialDecay(KerasSchedule):
         return (init - end) * jnp.power(1 - p, _f32(self.power)) + end
 
 
+@dataclasses.dataclass(eq=False)
 class InverseTimeDecay(KerasSchedule):
     """``initial_learning_rate / (1 + decay_rate * step / decay_steps)`` (floored if ``staircase``)."""
 
     class_name = "InverseTimeDecay"
-    _fields = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False, name: str = "InverseTimeDecay"):
-        _positive("decay_steps", decay_steps)
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
+    initial_learning_rate: float
+    decay_steps: int
+    decay_rate: float
+    staircase: bool = False
+    name: str = "InverseTimeDecay"
+
+    def __post_init__(self) -> None:
+        _positive("decay_steps", self.decay_steps)
 
     def __call__(self, count: Any) -> Any:
         p = _f32(count) / _f32(self.decay_steps)
@@ -162,20 +170,21 @@ class InverseTimeDecay(KerasSchedule):
         return _f32(self.initial_learning_rate) / (_f32(1) + _f32(self.decay_rate) * p)
 
 
+@dataclasses.dataclass(eq=False)
 class CosineDecay(KerasSchedule):
     """Cosine decay to ``alpha * lr`` over ``decay_steps``, after an optional linear warmup."""
 
     class_name = "CosineDecay"
-    _fields = ("initial_learning_rate", "decay_steps", "alpha", "name", "warmup_target", "warmup_steps")
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, alpha: float = 0.0, name: str = "CosineDecay", warmup_target: Optional[float] = None, warmup_steps: int = 0):
-        _positive("decay_steps", decay_steps)
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.alpha = alpha
-        self.name = name
-        self.warmup_target = warmup_target
-        self.warmup_steps = warmup_steps
+    initial_learning_rate: float
+    decay_steps: int
+    alpha: float = 0.0
+    name: str = "CosineDecay"
+    warmup_target: float | None = None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("decay_steps", self.decay_steps)
 
     def _decay(self, step: Any, decay_steps: Any, from_lr: Any) -> Any:
         frac = step / decay_steps
@@ -195,20 +204,21 @@ class CosineDecay(KerasSchedule):
         return jnp.where(step < warm, warmup, self._decay(step - warm, decay_steps, target))
 
 
+@dataclasses.dataclass(eq=False)
 class CosineDecayRestarts(KerasSchedule):
     """SGDR: cosine decay restarting after ``first_decay_steps * t_mul**i`` steps, scaled by ``m_mul**i``."""
 
     class_name = "CosineDecayRestarts"
-    _fields = ("initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "name")
 
-    def __init__(self, initial_learning_rate: float, first_decay_steps: int, t_mul: float = 2.0, m_mul: float = 1.0, alpha: float = 0.0, name: str = "SGDRDecay"):
-        _positive("first_decay_steps", first_decay_steps)
-        self.initial_learning_rate = initial_learning_rate
-        self.first_decay_steps = first_decay_steps
-        self.t_mul = t_mul
-        self.m_mul = m_mul
-        self.alpha = alpha
-        self.name = name
+    initial_learning_rate: float
+    first_decay_steps: int
+    t_mul: float = 2.0
+    m_mul: float = 1.0
+    alpha: float = 0.0
+    name: str = "SGDRDecay"
+
+    def __post_init__(self) -> None:
+        _positive("first_decay_steps", self.first_decay_steps)
 
     def __call__(self, count: Any) -> Any:
         init = _f32(self.initial_learning_rate)

@@ -251,7 +251,9 @@ def zero1(inner: optax.GradientTransformation, mesh: Mesh, axis: str = "data") -
         state = inner.init(params)
         return _place_tree(state, zero1_state_sharding(state, mesh, axis), explicit)
 
-    def update_fn(updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra: Any):
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, optax.OptState]:
         target = zero1_state_sharding(updates, mesh, axis)
         # where each update goes back to: the params' sharding (else the grads') when it is known
         back = jax.tree.map(lambda r: _known_sharding(r, mesh, explicit), params if params is not None else updates)

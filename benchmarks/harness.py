@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ class Runner:
 
     name: str
     step: Callable[[], None]
-    traffic: Optional[float] = None  # minimum bytes per parameter this step must move
+    traffic: float | None = None  # minimum bytes per parameter this step must move
     group: str = ""
     close: Callable[[], None] = lambda: None
 
@@ -97,7 +97,7 @@ def jax_runner(
     state: Any,
     grads: Any,
     *,
-    traffic: Optional[float] = None,
+    traffic: float | None = None,
     donate: bool = True,
     group: str = "",
     inner: int = 1,
@@ -174,7 +174,7 @@ def torch_runner(
     weight_decay: float = 0.0,
     traffic: float = 28.0,
     inner: int = 1,
-) -> Optional[Runner]:
+) -> Runner | None:
     try:
         import torch
     except ImportError:
@@ -198,7 +198,7 @@ def torch_runner(
     return Runner(name, step, traffic, "torch", close)
 
 
-def keras_runner(name: str, shapes: list[tuple[int, ...]], traffic: float = 28.0) -> Optional[Runner]:
+def keras_runner(name: str, shapes: list[tuple[int, ...]], traffic: float = 28.0) -> Runner | None:
     """Keras 3 Adam on the JAX backend, ``stateless_apply`` jitted with donation."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         return None

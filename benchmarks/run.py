@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import harness as H  # noqa: E402
 
 import adamx  # noqa: E402
-from adamx import _fused  # noqa: E402
+from adamx import fused as _fused  # noqa: E402
 
 LR = 1e-3
 OPTAX_EPS = 1e-7  # Keras' epsilon-hat mapped to optax's eps (equal once 1 - beta_2^t ~ 1)

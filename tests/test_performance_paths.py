@@ -1,4 +1,4 @@
-"""The fused step (``Adam.apply_gradients`` / ``adamx._fused``) against the reference path.
+"""The fused step (``Adam.apply_gradients`` / ``adamx.fused``) against the reference path.
 
 The reference path is ``update`` + ``optax.apply_updates``. The fused path must give
 the same numbers for every option, use one in-place pass without full-size
@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import adamx
-from adamx import _fused
+from adamx import fused as _fused
 
 FUSED = _fused.available()
 needs_kernel = pytest.mark.skipif(not FUSED, reason=f"fused kernel unavailable: {_fused.status()['error']}")
@@ -374,7 +374,7 @@ def test_fused_flat_defaults_bit_identical_and_in_place():
     hlo = lowered.compile().as_text()
     copies = re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} copy\(", hlo)
     assert all(np.prod([int(d) for d in c.split(",")]) == 0 for c in copies), copies
-    assert lowered.as_text().count(_fused._STEP) == 1
+    assert lowered.as_text().count(_fused._build.STEP_TARGET) == 1
     p, s = params, state
     for i in range(3):
         before = s.mu.buffers[0].unsafe_buffer_pointer(), s.nu.buffers[0].unsafe_buffer_pointer()
@@ -460,9 +460,9 @@ def test_fallback_for_none_gradient_and_unusual_dtypes():
 
 
 def test_fallback_when_kernel_unavailable(monkeypatch):
-    monkeypatch.setitem(_fused._status, "tried", True)
-    monkeypatch.setitem(_fused._status, "ok", False)
-    monkeypatch.setitem(_fused._status, "error", "switched off by the test")
+    monkeypatch.setitem(_fused._build._status, "tried", True)
+    monkeypatch.setitem(_fused._build._status, "ok", False)
+    monkeypatch.setitem(_fused._build._status, "error", "switched off by the test")
     opt = adamx.adamw(learning_rate=0.01, global_clipnorm=0.5)
     params = make_params()
     _check_fallback(opt, make_grads(params, 0), opt.init(params), params, "switched off by the test")

@@ -14,7 +14,7 @@ from test_linen import MODEL, fresh_params, loss_fn
 from test_nnx import make_model, mse
 
 import adamx
-from adamx import _fused
+from adamx import fused as _fused
 
 needs_kernel = pytest.mark.skipif(not _fused.available(), reason=f"fused kernel unavailable: {_fused.status()}")
 

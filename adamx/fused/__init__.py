@@ -18,13 +18,78 @@ nnx ``optimizer.update(model, grads)``        ``adamx.fused.nnx_update(optimizer
 
 Jit the step and donate params and optimizer state (``donate_argnums``) so the update
 happens in the donated buffers.
+
+Layout: ``kernel.cc`` (the C++ kernel, package data), ``_build`` (compile, cache, load,
+check the scalar layout), ``_plan`` (which options and arrays the kernel takes, and why
+not), ``_kernel`` (the ``jax.ffi`` calls). ``ADAMX_FUSED=0`` switches the kernel off.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from adamx._fused import apply_gradients, available, status, why_not
+import jax
+import optax
+
+from adamx.fused import _kernel, _plan
+from adamx.fused._build import available, status
+from adamx.fused._plan import SUPPORTED
+
+__all__ = [
+    "SUPPORTED",
+    "apply_gradients",
+    "available",
+    "nnx_update",
+    "status",
+    "train_state_apply_gradients",
+    "why_not",
+]
+
+
+def why_not(tx: Any, grads: Any, opt_state: Any, params: Any) -> str | None:
+    """``None`` when :func:`apply_gradients` takes the fused path, else the reason it does not."""
+    return _plan.plan(tx, grads, opt_state, params)[0]
+
+
+# ------------------------------------------------------------------ the step
+def apply_gradients(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    """``tx.update`` followed by ``optax.apply_updates``, as one fused pass where possible.
+
+    Returns ``(new_params, new_opt_state)``: the same values as
+
+    .. code-block:: python
+
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+
+    For an ``adamx.adam``/``adamx.adamw`` optimizer on CPU it runs one in-place pass over
+    params, grads and optimizer state (jit the step and donate params and state to get
+    the in-place update without copies). Anything else takes the two lines above.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> opt = adamx.adam(learning_rate=0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> params, state = opt.apply_gradients(grads, state, params)
+      >>> [round(x, 4) for x in params["w"].tolist()]
+      [0.9, -1.9]
+    """
+    reason, pl = _plan.plan(tx, grads, opt_state, params)
+    if pl is None:
+        updates, new_state = tx.update(grads, opt_state, params)
+        return _apply_updates(params, updates), new_state
+    return _kernel.run(pl, opt_state, params)
+
+
+def _apply_updates(params: Any, updates: Any) -> Any:
+    """``optax.apply_updates`` where a ``None`` update (no gradient) leaves the param alone."""
+    if params is None:
+        return optax.apply_updates(params, updates)
+    return jax.tree.map(
+        lambda p, u: p if u is None else optax.apply_updates(p, u), params, updates, is_leaf=lambda x: x is None
+    )
 
 
 def train_state_apply_gradients(state: Any, grads: Any) -> Any:
@@ -81,6 +146,3 @@ def nnx_update(optimizer: Any, model: Any, grads: Any) -> None:
     nnx.update(model, new_params)
     nnx.update(optimizer.opt_state, nnx.state(new_opt_state, **kw))
     optimizer.step[...] += 1
-
-
-__all__ = ["apply_gradients", "available", "nnx_update", "status", "train_state_apply_gradients", "why_not"]

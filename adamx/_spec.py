@@ -1,0 +1,240 @@
+"""``AdamSpec``: the typed, frozen description of an ``adamx.adam`` optimizer.
+
+Every option of :func:`adamx.adam` is a field here, validated once when the spec is built.
+The values the step needs besides the raw options (the accumulation window, whether weight
+decay is on, the clip mode, the state dtypes) are derived here and nowhere else. The spec is
+carried by the optimizer (``opt.spec``), read by the reference step (``adamx._step``), the
+state layout (``adamx._state``), the fused kernel's plan (``adamx.fused``) and the Keras
+config writer (:meth:`AdamSpec.keras_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal, TypedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamx import _decay, _hyper, _tree, schedules
+
+ClipMode = Literal["none", "norm", "global_norm", "value"]
+StateField = Literal["mu", "nu", "nu_max", "acc", "ema"]
+STATE_FIELDS: tuple[StateField, ...] = ("mu", "nu", "nu_max", "acc", "ema")
+
+# The keys Keras 3's Adam.get_config() prints, in its order.
+KERAS3_KEYS = (
+    "name",
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "global_clipnorm",
+    "clipvalue",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+    "beta_1",
+    "beta_2",
+    "epsilon",
+    "amsgrad",
+)
+# adamx's own options, written into a config only with include_adamx=True.
+ADAMX_KEYS = ("exclude_from_weight_decay", "mu_dtype", "nu_dtype", "flat_state")
+_CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+class AdamOptions(TypedDict, total=False):
+    """adamx's own keyword-only options of :func:`adamx.adam` (fields of :class:`AdamSpec`)."""
+
+    mu_dtype: Any
+    nu_dtype: Any
+    flat_state: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdamSpec:
+    """All options of :func:`adamx.adam`, validated at construction.
+
+    The Keras arguments are documented in :func:`adamx.adam`. adamx's own options
+    (keyword-only in ``adam``, listed in :class:`AdamOptions`):
+
+    - ``mu_dtype``, ``nu_dtype``: storage dtypes of the moments (e.g. ``jnp.bfloat16``);
+      default float32 for float32/bfloat16/float16 params (the params' dtype if wider).
+    - ``flat_state``: keep each per-parameter state field (``mu``, ``nu``, ``nu_max``,
+      ``acc``, ``ema``) as one flat 1-D buffer per dtype (:class:`adamx.FlatBuffers`,
+      params' leaves in tree order) instead of a tree like params. Same numbers; for
+      models with many parameter tensors a jitted step then passes and compiles far fewer
+      buffers (docs/performance.md). ``update`` then needs ``params``. Meant for
+      single-device steps: flat buffers cannot follow the params' shardings.
+
+    Frozen: build a changed copy with ``dataclasses.replace(spec, ...)`` (validated again).
+    Numeric options may be traced values (``optax.inject_hyperparams`` passes them); those
+    cannot be checked and are used as given.
+
+    Example:
+      >>> import adamx
+      >>> spec = adamx.AdamSpec(gradient_accumulation_steps=4, clipnorm=1.0)
+      >>> spec.window, spec.clip_mode, spec.decay_on
+      (4, 'norm', False)
+    """
+
+    learning_rate: _hyper.ScalarOrSchedule = 0.001
+    beta_1: _hyper.ScalarOrSchedule = 0.9
+    beta_2: _hyper.ScalarOrSchedule = 0.999
+    epsilon: Any = 1e-7
+    amsgrad: bool = False
+    weight_decay: _hyper.ScalarOrSchedule | None = None
+    clipnorm: Any = None
+    clipvalue: Any = None
+    global_clipnorm: Any = None
+    use_ema: bool = False
+    ema_momentum: Any = 0.99
+    ema_overwrite_frequency: Any = None
+    loss_scale_factor: Any = None
+    gradient_accumulation_steps: Any = None
+    exclude_from_weight_decay: Sequence[str] | None = None
+    weight_decay_mask: _decay.MaskOrFn = None
+    mu_dtype: Any = None
+    nu_dtype: Any = None
+    flat_state: bool = False
+    name: str = "adam"
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> AdamSpec:
+        """``AdamSpec(**kwargs)``, with a ``TypeError`` naming an unknown option."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"adamx.adam got unknown option(s) {unknown}; the options are {names}.")
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        _hyper.check_scalar("learning_rate", self.learning_rate, lo=0.0, allow_schedule=True)
+        _hyper.check_scalar("beta_1", self.beta_1, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
+        _hyper.check_scalar("beta_2", self.beta_2, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
+        _hyper.check_scalar("epsilon", self.epsilon, lo=0.0)
+        for flag in ("amsgrad", "use_ema", "flat_state"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"`{flag}` must be a bool, got {getattr(self, flag)!r}.")
+        if self.weight_decay is not None:
+            _hyper.check_scalar("weight_decay", self.weight_decay, lo=0.0, allow_schedule=True)
+        set_clips = [k for k in _CLIP_ARGS if getattr(self, k) is not None]
+        if len(set_clips) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                f"Received: {', '.join(f'{k}={getattr(self, k)}' for k in set_clips)}."
+            )
+        for k in set_clips:
+            _hyper.check_scalar(k, getattr(self, k), lo=0.0, lo_open=True)
+        _hyper.check_scalar("ema_momentum", self.ema_momentum, lo=0.0, hi=1.0)
+        _hyper.check_int("ema_overwrite_frequency", self.ema_overwrite_frequency, lo=1)
+        _hyper.check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, lo=1)
+        if self.loss_scale_factor is not None:
+            _hyper.check_scalar("loss_scale_factor", self.loss_scale_factor, lo=0.0, lo_open=True)
+        _decay.check_exclude(self.exclude_from_weight_decay)
+        wdm = self.weight_decay_mask
+        if wdm is not None and not callable(wdm) and not isinstance(wdm, (dict, list, tuple, bool)):
+            if not hasattr(wdm, "__dataclass_fields__"):
+                jax.tree_util.tree_structure(wdm)  # must at least be a pytree
+        if not isinstance(self.name, str):
+            raise TypeError(f"`name` must be a str, got {self.name!r}.")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def window(self) -> Any:
+        """The accumulation window ``k`` (``None`` without accumulation, also for ``k == 1``)."""
+        k = self.gradient_accumulation_steps
+        if k is not None and _hyper.concrete(k) == 1.0:
+            return None
+        return k
+
+    @property
+    def decay_on(self) -> bool:
+        """Whether weight decay runs: ``None`` and a concrete 0 switch it off (Keras: ``if weight_decay``)."""
+        wd = self.weight_decay
+        return not (wd is None or (_hyper.concrete(wd) == 0.0 and not _hyper.is_schedule(wd)))
+
+    @property
+    def exclude(self) -> list[str] | None:
+        """The ``exclude_from_weight_decay`` patterns as a list, ``None`` when empty."""
+        return list(self.exclude_from_weight_decay) if self.exclude_from_weight_decay else None
+
+    @property
+    def clip_mode(self) -> ClipMode:
+        """Which clipping runs: per-tensor ``norm``, ``global_norm``, element ``value``, or ``none``."""
+        if self.clipnorm is not None:
+            return "norm"
+        if self.global_clipnorm is not None:
+            return "global_norm"
+        if self.clipvalue is not None:
+            return "value"
+        return "none"
+
+    @property
+    def clip_threshold(self) -> Any:
+        """The threshold of :attr:`clip_mode` (``None`` for ``none``)."""
+        return {"norm": self.clipnorm, "global_norm": self.global_clipnorm, "value": self.clipvalue}.get(
+            self.clip_mode
+        )
+
+    @property
+    def needs_params(self) -> bool:
+        """``update`` must be given the params (weight decay and the EMA read them; flat state too)."""
+        return self.decay_on or self.use_ema
+
+    @property
+    def fields_on(self) -> tuple[StateField, ...]:
+        """The per-parameter state fields this spec keeps (the others hold ``None``)."""
+        on = {"mu": True, "nu": True, "nu_max": self.amsgrad, "acc": self.window is not None, "ema": self.use_ema}
+        return tuple(f for f in STATE_FIELDS if on[f])
+
+    def state_dtype(self, field: StateField, param_dtype: Any) -> jnp.dtype:
+        """Storage dtype of ``field`` for a parameter of ``param_dtype``."""
+        if field in ("mu",):
+            return _tree.state_dtype(param_dtype, self.mu_dtype)
+        if field in ("nu", "nu_max"):
+            return _tree.state_dtype(param_dtype, self.nu_dtype)
+        return _tree.compute_dtype(param_dtype)  # acc, ema: float32 at least
+
+    # ------------------------------------------------------------------ Keras config
+    @property
+    def hyperparams(self) -> dict[str, Any]:
+        """The options as a dict keyed by argument name (what ``adamx.adam`` was called with)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def keras_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
+        """The Keras 3 ``Adam.get_config()`` dict (see :func:`adamx.to_keras_config`)."""
+        lr = self.learning_rate
+        if isinstance(lr, schedules.KerasSchedule):
+            lr_out: Any = lr.serialize()
+        elif callable(lr):
+            raise ValueError("`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config.")
+        else:
+            lr_out = float(np.float32(lr))
+        for k in ("beta_1", "beta_2", "weight_decay"):
+            if callable(getattr(self, k)):
+                raise ValueError(f"`{k}` is a schedule: Keras's config has no place for it.")
+        if self.weight_decay_mask is not None:
+            raise ValueError("`weight_decay_mask` cannot be written into a config; use exclude_from_weight_decay.")
+        out: dict[str, Any] = {"name": self.name, "learning_rate": lr_out}
+        for k in KERAS3_KEYS[2:]:
+            v = getattr(self, k)
+            out[k] = float(v) if isinstance(v, (np.floating, np.integer)) and not isinstance(v, bool) else v
+        extra = {k: getattr(self, k) for k in ADAMX_KEYS if getattr(self, k) is not None and getattr(self, k) is not False}
+        if not include_adamx:
+            extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
+        if extra and not include_adamx:
+            raise ValueError(
+                f"Keras's Adam config has no key for {sorted(extra)}; pass include_adamx=True to add them "
+                "(Keras itself will then refuse the config)."
+            )
+        for k, v in extra.items():
+            if k == "flat_state":
+                out[k] = bool(v)
+            else:
+                out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
+        return out

@@ -1,0 +1,66 @@
+"""``AdamState``: the state of ``adamx.adam``, its checkpoint format, and how it is allocated.
+
+The per-parameter fields are trees like params, or with ``flat_state=True`` one
+:class:`adamx.FlatBuffers` each (one 1-D buffer per dtype, params' leaves in tree order).
+Which fields are on and their dtypes come from the :class:`adamx.AdamSpec`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamx import _flat, _tree
+from adamx._spec import STATE_FIELDS, AdamSpec, StateField
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adamx.adam` / :func:`adamx.adamw`. Field names are the checkpoint format.
+
+    Optional features keep ``None`` in their field when off, so the tuple always has
+    these six fields.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; update() calls so far (micro-steps under accumulation), saturating
+    # With flat_state=True each of the five buffer fields is an adamx.FlatBuffers instead of a tree.
+    mu: optax.Updates  # first moment, like params; mu_dtype (default float32 for f32/bf16/f16 params)
+    nu: optax.Updates  # second moment, like params; nu_dtype (default as mu)
+    nu_max: optax.Updates | None  # amsgrad: running max of raw nu, else None
+    acc: optax.Updates | None  # gradient_accumulation_steps: sum of this window's micro-step grads, else None
+    ema: optax.Params | None  # use_ema: moving average of params (float32 at least), else None
+
+
+def _buffer(spec: AdamSpec, field: StateField, p: Any) -> jax.Array:
+    dt = spec.state_dtype(field, jnp.result_type(p))
+    # the average starts as a fresh copy of params (never their own buffers: donation)
+    return _tree.fresh_copy(p, dt) if field == "ema" else _tree.zeros_like(p, dt)
+
+
+def init(spec: AdamSpec, params: optax.Params) -> AdamState:
+    """The initial state: count 0, zero moments and accumulator, the average a copy of params."""
+    on = spec.fields_on
+    fields: dict[str, Any] = {f: None for f in STATE_FIELDS}
+    if spec.flat_state:
+        leaves = jax.tree_util.tree_leaves(params)
+        for f in on:
+            lay = layout(spec, f, leaves)
+            fields[f] = _flat.pack(leaves, lay, fresh=True) if f == "ema" else _flat.zeros(lay)
+    else:
+        for f in on:
+            fields[f] = jax.tree.map(lambda p, f=f: _buffer(spec, f, p), params)
+    return AdamState(count=jnp.zeros([], jnp.int32), **fields)
+
+
+def layout(spec: AdamSpec, field: StateField, leaves: list[Any]) -> _flat.Layout:
+    """Where each leaf of params lives in the flat buffers of ``field``."""
+    return _flat.layout(leaves, lambda p: spec.state_dtype(field, jnp.result_type(p)))
+
+
+def next_state(spec: AdamSpec, n: jax.Array, wrap: Any, fields: dict[str, Any]) -> AdamState:
+    """The state after a step: each on field's leaves wrapped (as a tree or flat buffers)."""
+    return AdamState(
+        count=optax.safe_increment(n), **{f: wrap(fields[f]) if f in spec.fields_on else None for f in STATE_FIELDS}
+    )

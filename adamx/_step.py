@@ -1,0 +1,365 @@
+"""The ``adamx.adam`` step, written once: per-step scalars and the elementwise pieces.
+
+A *unit* is an array the step runs on: one leaf of params (tree state) or one whole
+flat buffer (``flat_state=True``). The pieces below take units and do not care which;
+:func:`update_tree` and :func:`update_flat` differ only in what they pass as units.
+The fused C++ kernel (``adamx/fused/kernel.cc``) is the only other copy of this
+arithmetic; ``tests/test_performance_paths.py`` checks it op by op against this one for
+every option the kernel supports.
+
+One call (Keras ``optimizer.apply``), with ``n`` earlier calls, ``k`` the window:
+
+.. code-block:: text
+
+    g   = g / loss_scale_factor                    # unscale
+    micro-step ((n+1) % k != 0):  acc += g, nothing else moves
+    g   = (g + acc) / k ;  acc = 0                 # window_mean
+    g   = clip(g)                                  # per unit, per leaf slice, or global
+    m, v, v_max, d = moments(g)                    # Keras kernel form, epsilon hat
+    u   = -d - lr * wd * p                         # descent (decayed leaves)
+    ema = mom * ema + (1 - mom) * (p + u)          # average; overwrite: u = ema - p
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamx import _averaging, _clipping, _decay, _flat, _hyper, _moments, _tree
+from adamx._spec import AdamSpec
+from adamx._state import AdamState, layout, next_state
+
+CLIP_CODES = {"none": 0, "norm": 1, "global_norm": 2, "value": 3}
+
+
+class Scalars(NamedTuple):
+    """The per-step scalars (0-d float32). The field order is the fused kernel's scalar
+    layout: ``kernel.cc`` exports its own list of names and the loader refuses a kernel
+    whose list differs."""
+
+    c1: jax.Array  # 1 - beta_1 (Keras rounding)
+    c2: jax.Array  # 1 - beta_2
+    alpha: jax.Array  # lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
+    eps: jax.Array  # epsilon hat
+    lr: jax.Array  # learning rate at this call
+    wd: jax.Array  # weight decay rate (0 when off)
+    lsf: jax.Array  # loss_scale_factor (1 when off)
+    has_lsf: jax.Array  # 1 when loss_scale_factor is set
+    k: jax.Array  # accumulation window (1 when off)
+    is_real: jax.Array  # 1 on a real step, 0 on an accumulation micro-step
+    clip_mode: jax.Array  # CLIP_CODES[spec.clip_mode]
+    clip_c: jax.Array  # the clip threshold (1 when off)
+    clip_scale: jax.Array  # global_clipnorm's factor (set after the norms are known; 1 otherwise)
+    mom: jax.Array  # EMA momentum of this call (0 on the first real step)
+    one_m: jax.Array  # 1 - mom
+    overwrite: jax.Array  # 1 when this call sets params to their averages
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def scalars(spec: AdamSpec, n: jax.Array) -> Scalars:
+    """The scalars of the call after ``n`` earlier calls (Keras counting: schedules see ``n``,
+    the bias correction ``t = n // k + 1``)."""
+    k = spec.window
+    lr = _hyper.value_at(spec.learning_rate, n)
+    t = n + 1 if k is None else n // k + 1
+    sc = _moments.adam_scalars(
+        spec.beta_1, spec.beta_2, spec.epsilon, 0.0, n, alpha_lr=lr, keras_rounding=True, t=t, sched_count=n
+    )
+    wd = _f32(0.0) if spec.weight_decay is None or not spec.decay_on else _hyper.value_at(spec.weight_decay, n)
+    mom, one_m, overwrite = _f32(0.0), _f32(1.0), jnp.asarray(False)
+    if spec.use_ema:
+        mom, one_m, ow = _averaging.ema_scalars(n, spec.ema_momentum, spec.ema_overwrite_frequency, k)
+        overwrite = jnp.asarray(False) if ow is None else ow
+    lsf = spec.loss_scale_factor
+    c = spec.clip_threshold
+    return Scalars(
+        c1=sc.c1,
+        c2=sc.c2,
+        alpha=sc.alpha,
+        eps=sc.eps,
+        lr=lr,
+        wd=wd,
+        lsf=_f32(1.0 if lsf is None else lsf),
+        has_lsf=_f32(lsf is not None),
+        k=_f32(1 if k is None else k),
+        is_real=is_real(spec, n),
+        clip_mode=_f32(CLIP_CODES[spec.clip_mode]),
+        clip_c=_f32(1.0 if c is None else c),
+        clip_scale=_f32(1.0),
+        mom=mom,
+        one_m=one_m,
+        overwrite=overwrite,
+    )
+
+
+# ---------------------------------------------------------------------- elementwise pieces
+def unscale(spec: AdamSpec, g_u: list[Any]) -> list[Any]:
+    """Gradients in float32 at least, divided by ``loss_scale_factor`` (``None`` stays ``None``)."""
+    g_u = [None if g is None else g.astype(_tree.compute_dtype(g.dtype)) for g in g_u]
+    if spec.loss_scale_factor is None:
+        return g_u
+    s = _f32(spec.loss_scale_factor)
+    return [None if g is None else g / s.astype(g.dtype) for g in g_u]
+
+
+def window_mean(spec: AdamSpec, g_u: list[Any], acc_u: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The last micro-step of a window: the mean gradient, accumulators reset."""
+    kf = _f32(spec.window)
+    return (
+        [None if g is None else (g + a) / kf.astype(g.dtype) for g, a in zip(g_u, acc_u)],
+        [jnp.zeros_like(a) for a in acc_u],
+    )
+
+
+def accumulate(g_u: list[Any], acc_u: list[Any]) -> list[Any]:
+    """A micro-step: gradients added to the accumulators."""
+    return [a if g is None else a + g.astype(a.dtype) for g, a in zip(g_u, acc_u)]
+
+
+def clip(
+    spec: AdamSpec,
+    g_u: list[Any],
+    split: Callable[[list[Any]], list[Any]] | None = None,
+    join: Callable[[list[Any]], list[Any]] | None = None,
+) -> list[Any]:
+    """Keras clipping of the units. ``clipnorm`` is per parameter tensor: for flat
+    units ``split`` cuts them into leaves and ``join`` puts the clipped leaves back."""
+    mode = spec.clip_mode
+    if mode == "none":
+        return g_u
+    c = _f32(spec.clip_threshold)
+    if mode == "norm":
+        per_leaf = g_u if split is None else split(g_u)
+        out = [None if g is None else _clipping.clip_leaf_by_norm(g, c) for g in per_leaf]
+        return out if join is None else join(out)
+    if mode == "global_norm":
+        scale = _clipping.global_clip_scale(_clipping.global_norm(g_u), c)
+        return [None if g is None else g * scale.astype(g.dtype) for g in g_u]
+    return [None if g is None else _clipping.clip_leaf_by_value(g, c) for g in g_u]
+
+
+def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
+    """Adam on one unit (Keras kernel form, epsilon hat): ``(direction, m, v, v_max)``.
+
+    Arithmetic in float32 (wider for float64); moments stored back in their own dtypes.
+    A ``None`` gradient leaves the moments alone and gives a ``None`` direction.
+    """
+    if g is None:
+        return None, m, v, v_max
+    cd = _tree.compute_dtype(jnp.result_type(g, m, v))
+    m2, v2 = _moments.update_moments(
+        g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=sc.c1, c2=sc.c2, form="kernel"
+    )
+    v_used, vm2 = v2, None
+    if v_max is not None:
+        v_used = jnp.maximum(v_max.astype(cd), v2)
+        vm2 = v_used.astype(v_max.dtype)
+    d = _moments.direction_hat(m2, v_used, alpha=sc.alpha, eps=sc.eps)
+    return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
+
+
+def descent(sc: Scalars, d: Any, p: Any, decay: bool, dtype: Any) -> Any:
+    """The update ``-d``, minus ``lr * wd * p`` where the leaf is decayed, in ``dtype``."""
+    u = -d
+    if decay:
+        u = u - (p.astype(d.dtype) * sc.wd.astype(d.dtype)) * sc.lr.astype(d.dtype)
+    return u.astype(dtype)
+
+
+def average(sc: Scalars, ema: Any, p_new: Any) -> Any:
+    """Keras's EMA of one unit: ``mom * ema + (1 - mom) * p_new`` (``p_new`` = params after the step)."""
+    return _averaging.average_leaf(sc.mom, sc.one_m, ema, p_new)
+
+
+class Moments(NamedTuple):
+    """The per-unit state the gradient part of the step reads and writes."""
+
+    acc: list[Any]
+    mu: list[Any]
+    nu: list[Any]
+    nu_max: list[Any]
+
+
+def is_real(spec: AdamSpec, n: jax.Array) -> jax.Array:
+    """Whether the call after ``n`` earlier calls is a real step (not an accumulation micro-step)."""
+    k = spec.window
+    return jnp.asarray(True) if k is None else (n + 1) % k == 0
+
+
+def direction(
+    spec: AdamSpec,
+    n: jax.Array,
+    scalars_of: Callable[[], Scalars],
+    g_u: list[Any],
+    st: Moments,
+    *,
+    split: Callable[[list[Any]], list[Any]] | None = None,
+    join: Callable[[list[Any]], list[Any]] | None = None,
+    finish: Callable[[list[Any], Scalars], list[Any]] | None = None,
+    idle: Callable[[list[Any]], list[Any]] | None = None,
+) -> tuple[list[Any], Moments]:
+    """Accumulate / window-mean / clip / moments over the units: ``(out, new state)``.
+
+    ``out`` is the direction per unit, or ``finish(directions, scalars)``, computed inside
+    the real step's branch (as are the scalars: ``scalars_of()``, so schedules run on real
+    steps only). On a micro-step (the other branch of ``lax.cond``) the moments do not move
+    and ``out`` is ``idle(gradients)`` (default: the gradients, a placeholder).
+    """
+    k = spec.window
+
+    def real_step(g_u: list[Any], st: Moments) -> tuple[list[Any], Moments]:
+        sc = scalars_of()
+        acc = st.acc
+        if k is not None:
+            g_u, acc = window_mean(spec, g_u, st.acc)
+        g_u = clip(spec, g_u, split, join)
+        d_u, mu, nu, nm = (list(x) for x in zip(*(moments(sc, *a) for a in zip(g_u, st.mu, st.nu, st.nu_max))))
+        return (d_u if finish is None else finish(d_u, sc)), Moments(acc, mu, nu, nm)
+
+    def micro_step(g_u: list[Any], st: Moments) -> tuple[list[Any], Moments]:
+        return (g_u if idle is None else idle(g_u)), st._replace(acc=accumulate(g_u, st.acc))
+
+    if not g_u:
+        return [], st
+    if k is None:
+        return real_step(g_u, st)
+    out, new = jax.lax.cond(is_real(spec, n), real_step, micro_step, g_u, st)
+    return list(out), Moments(*(list(x) for x in new))
+
+
+# ---------------------------------------------------------------------- the two iterations
+def _none_list(n: int) -> list[Any]:
+    return [None] * n
+
+
+def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params | None) -> Any:
+    """``update`` with tree state: the units are the leaves."""
+    g_l, p_l, treedef = _tree.align_grads(grads, state.mu if params is None else params)
+    nl = len(g_l)
+    if params is None:
+        p_l = _none_list(nl)
+    flat = treedef.flatten_up_to
+    st = Moments(
+        acc=flat(state.acc) if spec.window is not None else _none_list(nl),
+        mu=flat(state.mu),
+        nu=flat(state.nu),
+        nu_max=flat(state.nu_max) if spec.amsgrad else _none_list(nl),
+    )
+    n = state.count
+    g_l = unscale(spec, g_l)
+    keep = _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * nl
+
+    def finish(d_l: list[Any], sc: Scalars) -> list[Any]:
+        return [
+            None if d is None else descent(sc, d, p, dec, g.dtype if p is None else jnp.result_type(p))
+            for g, p, d, dec in zip(g_l, p_l, d_l, keep)
+        ]
+
+    def idle(g_l: list[Any]) -> list[Any]:
+        return [None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.result_type(p)) for g, p in zip(g_l, p_l)]
+
+    u_l, st = direction(spec, n, lambda: scalars(spec, n), g_l, st, finish=finish, idle=idle)
+    ema_l = None
+    if spec.use_ema:
+        u_l, ema_l = _averaging.ema_step(
+            p_l, u_l, flat(state.ema), n, spec.ema_momentum, spec.ema_overwrite_frequency, spec.window
+        )
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+    fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema_l}
+    return unflat(u_l), next_state(spec, n, unflat, fields)
+
+
+def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
+    """``update`` with flat state: the units are the whole flat buffers (one per dtype group).
+
+    The gradients are concatenated once; unscaling, the window, clipping, the moments and
+    the average are whole-buffer operations, and each leaf's update is a slice of the
+    whole-buffer update (``clipnorm`` takes one norm per slice). Returns ``None`` where this
+    does not apply (``None`` gradients, grads wider than their group, state fields grouped
+    differently from the arithmetic): the caller then runs :func:`update_tree` on views.
+    """
+    g_l, p_l, treedef = _tree.align_grads(grads, params)
+    on = spec.fields_on
+    lay = _flat.layout(p_l, lambda p: _tree.compute_dtype(jnp.result_type(p)))
+    groups = tuple(s.group for s in lay.slots)
+    if any(g is None for g in g_l) or any(
+        _tree.compute_dtype(g.dtype) != lay.dtypes[s.group] for g, s in zip(g_l, lay.slots)
+    ):
+        return None
+    if any(tuple(s.group for s in layout(spec, f, p_l).slots) != groups for f in on):
+        return None
+    bufs = {f: _flat.checked_buffers(getattr(state, f), lay, f) for f in on}
+    ng = len(lay.dtypes)
+    members = [[i for i, s in enumerate(lay.slots) if s.group == j] for j in range(ng)]
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)  # noqa: E731
+
+    def piece(buf: Sequence[Any], i: int) -> Any:
+        return _flat.view(buf, lay.slots[i])
+
+    n = state.count
+    sc = scalars(spec, n)
+    gf = unscale(spec, list(_flat.pack(g_l, lay).buffers))
+    nones = _none_list(ng)
+    st = Moments(
+        acc=list(bufs.get("acc", nones)), mu=list(bufs["mu"]), nu=list(bufs["nu"]), nu_max=list(bufs.get("nu_max", nones))
+    )
+    d, st = direction(
+        spec, n, lambda: sc, gf, st,
+        split=lambda us: [piece(us, i) for i in range(len(p_l))],
+        join=lambda ls: list(_flat.pack(ls, lay).buffers),
+    )  # fmt: skip
+    real = None if spec.window is None else sc.is_real
+    keep = _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * len(p_l)
+
+    def finish(d: Any, p: Any, dec: bool) -> Any:
+        """The update in the params' dtype; zero on micro-steps (``d`` is a placeholder there)."""
+        u = descent(sc, d, p, dec, p.dtype)
+        return u if real is None else jnp.where(real, u, jnp.zeros_like(u))
+
+    # Groups whose leaves share the params' dtype and the decay mask get their updates (and
+    # the params an average needs) as whole buffers too: one loop per leaf remains.
+    pdts = [jnp.dtype(jnp.result_type(p)) for p in p_l]
+    uniform = [len({(pdts[i], keep[i]) for i in members[j]}) == 1 for j in range(ng)]
+    p_flat: list[Any] = _none_list(ng)
+    u_flat: list[Any] = _none_list(ng)
+    for j in range(ng):
+        if uniform[j]:
+            p_flat[j] = cat([jnp.ravel(p_l[i]) for i in members[j]])
+            u_flat[j] = finish(d[j], p_flat[j], keep[members[j][0]])
+    u_l = [
+        piece(u_flat, i) if uniform[s.group] else finish(piece(d, i), p_l[i], keep[i]) for i, s in enumerate(lay.slots)
+    ]
+    ema = None
+    if spec.use_ema:
+        p_new = [
+            _tree.rounded_sum(p_flat[j], u_flat[j], lay.dtypes[j])
+            if uniform[j]
+            else cat([jnp.ravel(_tree.rounded_sum(p_l[i], u_l[i], lay.dtypes[j])) for i in members[j]])
+            for j in range(ng)
+        ]
+        ema = [average(sc, a, pn) for a, pn in zip(bufs["ema"], p_new)]
+        if spec.ema_overwrite_frequency is not None:
+            for i, p in enumerate(p_l):
+                to_avg = (piece(ema, i) - p.astype(lay.dtypes[lay.slots[i].group])).astype(p.dtype)
+                u_l[i] = jnp.where(sc.overwrite, to_avg, u_l[i])
+    fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema}
+    fb = lambda xs: _flat.FlatBuffers(tuple(xs))  # noqa: E731
+    return jax.tree_util.tree_unflatten(treedef, u_l), next_state(spec, n, fb, fields)
+
+
+def update_flat_by_leaf(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
+    """:func:`update_tree` on views of the flat buffers (what :func:`update_flat` does not take)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    tdef: Any = treedef
+    lays = {f: layout(spec, f, leaves) for f in spec.fields_on}
+    as_tree = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
+    updates, new = update_tree(spec, grads, state._replace(**as_tree), params)
+    packed = {f: _flat.pack(tdef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()}
+    return updates, new._replace(**packed)

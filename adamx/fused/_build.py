@@ -1,0 +1,155 @@
+"""Building and loading the fused kernel (``kernel.cc``, shipped with the package).
+
+The kernel is compiled with the machine's C++ compiler on first use, with warnings on
+(``-Wall -Wextra``; ``ADAMX_KERNEL_WERROR=1``, set by ``make test``, makes them errors),
+and cached (``$ADAMX_CACHE_DIR``, else ``~/.cache/adamx``) under a key of the source, the
+flags, the compiler, jaxlib and the CPU. Loading checks the ABI version and that the
+kernel's scalar layout is :class:`adamx._step.Scalars`' field list.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Any
+
+import jax
+
+from adamx._step import Scalars
+
+log = logging.getLogger("adamx")
+
+ABI = 2
+STEP_TARGET = "adamx_fused_step_v2"
+SUMSQ_TARGET = "adamx_fused_sumsq_v2"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")
+CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+WARNINGS = ["-Wall", "-Wextra"]
+
+_lock = threading.Lock()
+_status: dict[str, Any] = {"tried": False, "ok": False, "error": None, "path": None}
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("ADAMX_CACHE_DIR")
+    if not d:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(base, "adamx")
+    return d
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx and shutil.which(cxx):
+        return shutil.which(cxx)
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def flags() -> list[str]:
+    """The compiler flags: optimisation, warnings, and ``-Werror`` under ``ADAMX_KERNEL_WERROR=1``."""
+    werror = os.environ.get("ADAMX_KERNEL_WERROR", "0").lower() in ("1", "true", "yes", "on")
+    return [*CXXFLAGS, *WARNINGS, *(["-Werror"] if werror else [])]
+
+
+def _build_key(cxx: str, source: str, fl: list[str]) -> str:
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    import jaxlib
+
+    h = hashlib.sha256()
+    for part in (source, " ".join(fl), version, jaxlib.__version__, platform.machine(), _cpu_id()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def build() -> str:
+    """Compile ``kernel.cc`` (or find it in the cache); returns the shared library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    with open(SOURCE) as f:
+        source = f.read()
+    fl = flags()
+    out_dir = _cache_dir()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:
+        out_dir = os.path.join(tempfile.gettempdir(), f"adamx-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+        os.makedirs(out_dir, exist_ok=True)
+    so = os.path.join(out_dir, f"adamx_fused_{_build_key(cxx, source, fl)}.so")
+    if os.path.exists(so):
+        return so
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp_so = os.path.join(tmp, "adamx_fused.so")
+        # -isystem: warnings in XLA's FFI headers are theirs; ours must be clean
+        cmd = [cxx, *fl, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp_so]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling the fused kernel failed ({' '.join(cmd)}):\n{r.stderr[-4000:]}")
+        if r.stderr.strip():
+            log.warning("adamx: compiler warnings in the fused kernel:\n%s", r.stderr[-4000:])
+        os.replace(tmp_so, so)  # atomic: concurrent builders all end with a complete file
+    return so
+
+
+def check_layout(names: str) -> None:
+    """The kernel's scalar names (``"c1,c2,...,"``) must be :class:`Scalars`' fields, in order."""
+    got = [n for n in names.split(",") if n]
+    if got != list(Scalars._fields):
+        raise RuntimeError(f"the kernel's scalar layout {got} differs from adamx._step.Scalars {list(Scalars._fields)}")
+
+
+def available() -> bool:
+    """Whether the fused CPU kernel is built and registered (builds it on first call)."""
+    if _status["tried"]:
+        return bool(_status["ok"])
+    with _lock:
+        if _status["tried"]:
+            return bool(_status["ok"])
+        try:
+            if os.environ.get("ADAMX_FUSED", "1").lower() in ("0", "false", "off", "no"):
+                raise RuntimeError("disabled by ADAMX_FUSED=0")
+            path = build()
+            lib = ctypes.CDLL(path)
+            if lib.adamx_fused_abi_version() != ABI:
+                raise RuntimeError(f"{path} has another ABI version")
+            lib.adamx_fused_scalar_names.restype = ctypes.c_char_p
+            check_layout(lib.adamx_fused_scalar_names().decode())
+            jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.AdamxFusedStep), platform="cpu")
+            jax.ffi.register_ffi_target(SUMSQ_TARGET, jax.ffi.pycapsule(lib.AdamxFusedSumsq), platform="cpu")
+            _status.update(ok=True, path=path, lib=lib)
+        except Exception as e:  # noqa: BLE001 - any failure means: use the reference path
+            _status.update(ok=False, error=f"{type(e).__name__}: {e}")
+            log.info("adamx: fused kernel unavailable, using the reference path: %s", _status["error"])
+        _status["tried"] = True
+    return bool(_status["ok"])
+
+
+def status() -> dict[str, Any]:
+    """``{"ok": bool, "error": str | None, "path": str | None}`` of the fused kernel."""
+    available()
+    return {k: _status.get(k) for k in ("ok", "error", "path")}

@@ -1,0 +1,212 @@
+"""When the fused kernel applies: the options it supports and the plan it runs.
+
+:data:`SUPPORTED` lists every :class:`adamx.AdamSpec` option the kernel implements, with
+the values it takes. An option that is not listed (a new one) makes :func:`plan` fall
+back to the reference step whenever it differs from its default, with a reason that
+names it (``adamx.fused.why_not``); ``tests/test_performance_paths.py`` checks that every
+spec field is either listed or falls back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamx import _tree
+from adamx._flat import FlatBuffers
+from adamx._spec import AdamSpec
+from adamx._state import AdamState
+from adamx.fused import _build
+
+PARAM_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
+MOMENT_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)})
+
+
+def _any(value: Any) -> str | None:
+    return None
+
+
+def _moment_dtype(value: Any) -> str | None:
+    if value is None or jnp.dtype(value) in MOMENT_DTYPES:
+        return None
+    return f"unsupported moment dtypes ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
+
+
+# Every spec option the kernel implements: a check of its value (``None``: supported).
+SUPPORTED: dict[str, Callable[[Any], str | None]] = {
+    "learning_rate": _any,
+    "beta_1": _any,
+    "beta_2": _any,
+    "epsilon": _any,
+    "amsgrad": _any,
+    "weight_decay": _any,
+    "clipnorm": _any,
+    "clipvalue": _any,
+    "global_clipnorm": _any,
+    "use_ema": _any,
+    "ema_momentum": _any,
+    "ema_overwrite_frequency": _any,
+    "loss_scale_factor": _any,
+    "gradient_accumulation_steps": _any,
+    "exclude_from_weight_decay": _any,
+    "weight_decay_mask": _any,
+    "mu_dtype": _moment_dtype,
+    "nu_dtype": _moment_dtype,
+    "flat_state": _any,
+    "name": _any,
+}
+
+
+def unsupported_option(spec: AdamSpec) -> str | None:
+    """Why the kernel cannot run ``spec``'s options, or ``None``."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        check = SUPPORTED.get(f.name)
+        if check is None:
+            if value is not f.default and value != f.default:
+                return f"option `{f.name}={value!r}` is not supported by the fused kernel"
+        else:
+            why = check(value)
+            if why is not None:
+                return f"option `{f.name}`: {why}"
+    return None
+
+
+class Plan(NamedTuple):
+    """What the kernel gets: the leaves, the state (per-leaf lists, or single flat buffers)."""
+
+    spec: AdamSpec
+    grads: list[Any]
+    params: list[Any]
+    treedef: Any
+    mu: Any  # tree state: list per leaf; flat state: one 1-D buffer
+    nu: Any
+    nu_max: Any  # None when off
+    acc: Any
+    ema: Any
+    offsets: np.ndarray | None  # flat state: each leaf's offset in the buffers; tree state: None
+
+
+def is_sharded(x: Any) -> bool:
+    """True when ``x`` may be split over devices: the kernel sees one device's buffers.
+
+    Concrete arrays: on more than one device. While tracing: the abstract mesh of the
+    value has a non-manual axis of size > 1 (jit over sharded or replicated inputs);
+    inside ``shard_map`` (manual axes) each shard is a plain local array, which is fine.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        sh = getattr(x, "sharding", None)
+        if sh is None:
+            return False
+        try:
+            return len(sh.device_set) > 1
+        except Exception:  # noqa: BLE001
+            return True
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+        sizes = dict(mesh.shape)
+        types = tuple(mesh.axis_types)
+    except Exception:  # noqa: BLE001 - no sharding information: a plain single-device value
+        return False
+    return any(size > 1 and "manual" not in str(t).lower() for size, t in zip(sizes.values(), types))
+
+
+def _leaf_dtype_problem(g: Any, p: Any) -> str | None:
+    pd, gd = jnp.dtype(jnp.result_type(p)), jnp.dtype(g.dtype)
+    if pd not in PARAM_DTYPES or gd not in (pd, jnp.dtype(jnp.float32)):
+        return f"unsupported dtypes (params {pd}, grads {gd})"
+    return None
+
+
+def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan | None]:
+    """``(None, plan)`` when the fused kernel applies, else ``(reason, None)``."""
+    spec = getattr(tx, "spec", None)
+    if not isinstance(spec, AdamSpec) or not isinstance(state, AdamState):
+        return "not an adamx.adam optimizer and its AdamState", None
+    reason = unsupported_option(spec)
+    if reason:
+        return reason, None
+    if params is None:
+        return "params are required", None
+    if jax.default_backend() != "cpu":
+        return f"backend is {jax.default_backend()}, the kernel is CPU only", None
+    if not _build.available():
+        return f"kernel unavailable: {_build.status()['error']}", None
+    g_l, p_l, treedef = _tree.align_grads(grads, params)
+    if any(g is None for g in g_l):
+        return "a gradient is None", None
+    if (state.nu_max is not None) != spec.amsgrad or (state.ema is not None) != spec.use_ema:
+        return "optimizer state does not match the optimizer's options", None
+    if isinstance(state.mu, FlatBuffers):
+        return _plan_flat(spec, state, g_l, p_l, treedef)
+    return _plan_tree(spec, state, g_l, p_l, treedef)
+
+
+def _plan_tree(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: Any) -> tuple[str | None, Plan | None]:
+    flat = treedef.flatten_up_to
+    try:
+        mu_l, nu_l = flat(state.mu), flat(state.nu)
+        nm_l = flat(state.nu_max) if state.nu_max is not None else None
+        acc_l = flat(state.acc) if state.acc is not None else None
+        ema_l = flat(state.ema) if state.ema is not None else None
+    except (ValueError, TypeError):
+        return "optimizer state does not match params", None
+    f32 = jnp.dtype(jnp.float32)
+    for i, (g, p, m, v) in enumerate(zip(g_l, p_l, mu_l, nu_l)):
+        reason = _leaf_dtype_problem(g, p)
+        if reason:
+            return reason, None
+        if jnp.dtype(m.dtype) not in MOMENT_DTYPES or jnp.dtype(v.dtype) not in MOMENT_DTYPES:
+            return f"unsupported moment dtypes ({m.dtype}, {v.dtype})", None
+        shape = tuple(jnp.shape(p))
+        if any(tuple(x.shape) != shape for x in (m, v)):
+            return "optimizer state shapes do not match params", None
+        for lst, want in ((nm_l, v.dtype), (acc_l, f32), (ema_l, f32)):
+            if lst is not None and (jnp.dtype(lst[i].dtype) != jnp.dtype(want) or tuple(lst[i].shape) != shape):
+                return "optimizer state dtypes or shapes are not the expected ones", None
+        if any(is_sharded(x) for x in (p, g, m, v)):
+            return "arrays are sharded over several devices", None
+    return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None)
+
+
+def _plan_flat(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: Any) -> tuple[str | None, Plan | None]:
+    """The plan for ``flat_state=True``: each state field one 1-D buffer, leaves at offsets."""
+    f32 = jnp.dtype(jnp.float32)
+    sizes = [int(np.prod(jnp.shape(p), dtype=np.int64)) for p in p_l]
+    total = int(sum(sizes))
+    fields: dict[str, Any] = {}
+    for name in ("mu", "nu", "nu_max", "acc", "ema"):
+        field = getattr(state, name)
+        if field is None:
+            fields[name] = None
+            continue
+        if not isinstance(field, FlatBuffers) or len(field.buffers) != 1:
+            return "flat state with several dtype groups", None
+        (buf,) = field.buffers
+        if tuple(buf.shape) != (total,):
+            return "flat optimizer state does not match params", None
+        fields[name] = buf
+    mu, nu = fields["mu"], fields["nu"]
+    if jnp.dtype(mu.dtype) not in MOMENT_DTYPES or jnp.dtype(nu.dtype) not in MOMENT_DTYPES:
+        return f"unsupported moment dtypes ({mu.dtype}, {nu.dtype})", None
+    if fields["nu_max"] is not None and fields["nu_max"].dtype != nu.dtype:
+        return "optimizer state dtypes or shapes are not the expected ones", None
+    for name in ("acc", "ema"):
+        if fields[name] is not None and jnp.dtype(fields[name].dtype) != f32:
+            return "optimizer state dtypes or shapes are not the expected ones", None
+    for g, p in zip(g_l, p_l):
+        reason = _leaf_dtype_problem(g, p)
+        if reason:
+            return reason, None
+        if is_sharded(p) or is_sharded(g):
+            return "arrays are sharded over several devices", None
+    if any(is_sharded(b) for b in fields.values() if b is not None):
+        return "arrays are sharded over several devices", None
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]]).astype(np.int64) if sizes else None
+    plan = Plan(spec, g_l, p_l, treedef, mu, nu, fields["nu_max"], fields["acc"], fields["ema"], offsets)
+    return None, plan
