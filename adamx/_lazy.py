@@ -48,6 +48,11 @@ class LazyAdam(optax.GradientTransformationExtraArgs):
         ``jax.jit(..., donate_argnums=...)`` with ``params`` and ``state`` donated, XLA
         updates table, ``mu`` and ``nu`` in place, so a step costs O(touched rows)
         (without donation XLA must first copy each table: O(table)).
+
+        Donate in the order of the outputs: jit ``lambda p, s, g: opt.apply_gradients(g, s, p)``
+        with ``donate_argnums=(0, 1)``. JAX pairs donated inputs with same-shaped outputs in
+        order; donating ``(state, params)`` pairs the table's output with ``mu``'s buffer
+        and XLA copies every table.
         """
         return self._apply(grads, state, params)
 
@@ -119,13 +124,15 @@ class _Rows(NamedTuple):
 def _dedup(g: jsparse.BCOO, cd: Any) -> _Rows:
     """Sum duplicate rows of a row-gradient ``BCOO``: static size ``nnz`` (its number of entries).
 
-    Indices outside ``[0, num_rows)`` are dropped, as ``BCOO.todense()`` drops them
-    (this is also BCOO's padding convention).
+    Rows are read as ``BCOO.todense()`` reads them: a negative index in
+    ``[-num_rows, 0)`` counts from the end, any other index outside ``[0, num_rows)`` is
+    dropped (``num_rows`` is BCOO's padding convention).
     """
     n_rows = g.shape[0]
     nnz = g.indices.shape[0]
     idx = g.indices[:, 0].astype(jnp.int32)
     sentinel = jnp.int32(n_rows)
+    idx = jnp.where(idx < 0, idx + sentinel, idx)
     idx = jnp.where((idx >= 0) & (idx < n_rows), idx, sentinel)
     uniq, inv = jnp.unique(idx, size=nnz, fill_value=sentinel, return_inverse=True)
     inv = inv.reshape(nnz)
@@ -215,8 +222,9 @@ def lazy_adam(
     and state donated). Arithmetic is float32 (wider for float64 params); moments are
     float32 for float32/bfloat16/float16 params; the new rows are rounded to the
     param dtype. A ``None`` gradient leaves its leaf and moments as they are (the
-    step count still advances). Indices outside ``[0, num_rows)`` are ignored (BCOO's
-    padding convention).
+    step count still advances). Row indices are read as ``BCOO.todense()`` reads them:
+    ``-1`` is the last row, indices ``>= num_rows`` (BCOO's padding) and ``< -num_rows``
+    are ignored.
 
     Args:
       learning_rate: float >= 0 or a schedule ``count -> lr``.
@@ -243,7 +251,8 @@ def lazy_adam(
       >>> state = opt.init(params)
       >>> idx = jnp.array([2, 0, 2])
       >>> grads = {"emb": adamx.row_gradient(idx, jnp.ones((3, 2)), 4), "w": jnp.ones(2)}
-      >>> params, state = jax.jit(opt.apply_gradients, donate_argnums=(1, 2))(grads, state, params)
+      >>> step = jax.jit(lambda p, s, g: opt.apply_gradients(g, s, p), donate_argnums=(0, 1))
+      >>> params, state = step(params, state, grads)
       >>> [round(float(x), 4) for x in params["emb"][:, 0]]
       [0.9, 1.0, 0.9, 1.0]
     """

@@ -50,8 +50,9 @@ def test_replays_torch_sparse_adam(name):
         step = _jit_apply(opt)
         out = []
         for t in range(meta["n_steps"]):
-            # padding entries (-1, the empty steps) are out of range: ignored, as BCOO.todense() ignores them
-            g = adamx.row_gradient(jnp.asarray(a["sparse_indices"][t]), jnp.asarray(a["sparse_values"][t]), n_rows)
+            # padding entries (stored as -1; the empty steps) become num_rows: ignored, as BCOO.todense() ignores them
+            idx = np.where(a["sparse_indices"][t] < 0, n_rows, a["sparse_indices"][t])
+            g = adamx.row_gradient(jnp.asarray(idx), jnp.asarray(a["sparse_values"][t]), n_rows)
             params, state = step(params, state, {"emb": g})
             out.append((np.asarray(params["emb"]), np.asarray(state.mu["emb"]), np.asarray(state.nu["emb"])))
         assert int(state.count) == meta["n_steps"] == int(a["step"][-1])
@@ -201,10 +202,27 @@ def test_padding_and_empty_steps_touch_nothing_but_the_count():
     opt = adamx.lazy_adam(0.1)
     p = {"t": jnp.arange(12.0).reshape(4, 3)}
     s = opt.init(p)
-    g = adamx.row_gradient(jnp.asarray([-1, 4, 99]), jnp.ones((3, 3)), 4)
+    g = adamx.row_gradient(jnp.asarray([4, 99, -5]), jnp.ones((3, 3)), 4)
+    assert not np.asarray(g.todense()).any()
     p2, s2 = _jit_apply(opt)(jax.tree.map(jnp.copy, p), s, {"t": g})
     np.testing.assert_array_equal(np.asarray(p2["t"]), np.asarray(p["t"]))
     assert not np.asarray(s2.mu["t"]).any() and int(s2.count) == 1
+    empty = adamx.row_gradient(jnp.zeros((0,), jnp.int32), jnp.zeros((0, 3)), 4)
+    p3, s3 = opt.apply_gradients({"t": empty}, s2, p2)
+    np.testing.assert_array_equal(np.asarray(p3["t"]), np.asarray(p["t"]))
+    assert int(s3.count) == 2
+
+
+def test_rows_are_read_as_bcoo_todense_reads_them():
+    """Negative indices count from the end (as BCOO.todense()): the same rows as the dense gradient."""
+    idx = jnp.asarray([-1, 0, -4, 2])
+    g = adamx.row_gradient(idx, jnp.ones((4, 2)), 4)
+    opt = adamx.lazy_adam(0.1)
+    p = {"t": jnp.zeros((4, 2))}
+    _, s = opt.apply_gradients({"t": g}, opt.init(p), p)
+    dense = np.asarray(g.todense())
+    np.testing.assert_array_equal(np.asarray(s.mu["t"]) != 0, dense != 0)
+    np.testing.assert_allclose(np.asarray(s.mu["t"]), dense * F32(1 - F32(0.9)), rtol=1e-7)
 
 
 def test_global_step_bias_correction():
