@@ -17,6 +17,10 @@ from adamx._config import from_keras_config as from_keras_config
 from adamx._config import to_keras_config as to_keras_config
 from adamx._decay import decoupled_weight_decay as decoupled_weight_decay
 from adamx._flat import FlatBuffers as FlatBuffers
+from adamx._lazy import LazyAdam as LazyAdam
+from adamx._lazy import LazyAdamState as LazyAdamState
+from adamx._lazy import lazy_adam as lazy_adam
+from adamx._lazy import row_gradient as row_gradient
 from adamx._moments import ScaleByAdamState as ScaleByAdamState
 from adamx._moments import scale_by_adam as scale_by_adam
 from adamx._spec import AdamOptions as AdamOptions
@@ -37,6 +41,8 @@ __all__ = [
     "AdamState",
     "EmaParamsState",
     "FlatBuffers",
+    "LazyAdam",
+    "LazyAdamState",
     "ScaleByAdamState",
     "Tf1AdamState",
     "adam",
@@ -48,6 +54,8 @@ __all__ = [
     "finalize_variable_values",
     "fused",
     "from_keras_config",
+    "lazy_adam",
+    "row_gradient",
     "schedules",
     "sharding",
     "scale_by_adam",
