@@ -18,6 +18,10 @@ from adamx._config import from_keras_config as from_keras_config
 from adamx._config import to_keras_config as to_keras_config
 from adamx._decay import decoupled_weight_decay as decoupled_weight_decay
 from adamx._flat import FlatBuffers as FlatBuffers
+from adamx._loss_scale import LossScaleOptimizer as LossScaleOptimizer
+from adamx._loss_scale import LossScaleState as LossScaleState
+from adamx._loss_scale import loss_scale as loss_scale
+from adamx._loss_scale import loss_scale_optimizer as loss_scale_optimizer
 from adamx._moments import ScaleByAdamState as ScaleByAdamState
 from adamx._moments import scale_by_adam as scale_by_adam
 from adamx._tf1 import Tf1AdamState as Tf1AdamState
@@ -33,6 +37,8 @@ __all__ = [
     "AdamState",
     "EmaParamsState",
     "FlatBuffers",
+    "LossScaleOptimizer",
+    "LossScaleState",
     "ScaleByAdamState",
     "Tf1AdamState",
     "adam",
@@ -43,6 +49,8 @@ __all__ = [
     "ema_params",
     "finalize_variable_values",
     "fused",
+    "loss_scale",
+    "loss_scale_optimizer",
     "from_keras_config",
     "schedules",
     "sharding",

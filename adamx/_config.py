@@ -60,12 +60,10 @@ def from_keras_config(config: dict[str, Any]) -> Adam:
         if cls not in ("Adam", "AdamW"):
             raise ValueError(f"from_keras_config builds Adam and AdamW, got class_name={cls!r}.")
         config = config["config"]
-    if "inner_optimizer" in config:
-        raise ValueError(
-            "This is a keras.optimizers.LossScaleOptimizer config: adamx has no dynamic loss scaling. "
-            "Build the inner optimizer with from_keras_config(config['inner_optimizer']) and use "
-            "`loss_scale_factor` for a static scale, or optax.apply_if_finite to skip non-finite steps."
-        )
+    if "inner_optimizer" in config:  # a keras.optimizers.LossScaleOptimizer config
+        from adamx._loss_scale import loss_scale_from_keras_config
+
+        return loss_scale_from_keras_config(config)  # type: ignore[return-value]
     known = set(KERAS3_KEYS) | set(LEGACY_KEYS) | set(ADAMX_KEYS)
     unknown = sorted(set(config) - known)
     if unknown:
