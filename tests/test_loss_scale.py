@@ -606,3 +606,32 @@ def test_get_config_of_adamx_only_options():
     assert back.hyperparams["min_scale"] == 1.0 and back.get_config(include_adamx=True) == cfg
     with pytest.raises(ValueError, match="inner"):
         adamx.loss_scale_optimizer(optax.adam(1e-3)).get_config()
+
+
+def test_flax_dynamic_scale_migration_mapping():
+    """docs/mixed_precision.md: Flax DynamicScale(growth_interval=N) == dynamic_growth_steps=N + 1 (same scales)."""
+    from flax.training.dynamic_scale import DynamicScale
+
+    n = 3
+    finite_pattern = [True] * 9 + [False] + [True] * 5 + [False, False] + [True] * 6
+    ds = DynamicScale(growth_interval=n, scale=65536.0)
+    opt = adamx.loss_scale_optimizer(optax.sgd(0.1), initial_scale=65536.0, dynamic_growth_steps=n + 1)
+    params = {"w": jnp.ones(2)}
+    state = opt.init(params)
+    flax_scales, ours = [], []
+    for fin in finite_pattern:
+        value = 1.0 if fin else float("inf")
+        ds, _, _, _ = ds.value_and_grad(lambda p, v=value: jnp.sum(p["w"]) * v)(params)
+        _, state = opt.update({"w": jnp.full(2, value)}, state, params)
+        flax_scales.append(float(ds.scale))
+        ours.append(float(state.scale))
+    assert ours == flax_scales
+    assert len(set(ours)) > 2  # grew and shrank
+
+
+def test_flat_state_inner():
+    inner = lambda: adamx.adam(0.01, flat_state=True)  # noqa: E731
+    p1, s1 = _train(adamx.loss_scale_optimizer(inner(), initial_scale=2.0**8, dynamic_growth_steps=2))
+    p2, _ = _train(adamx.loss_scale_optimizer(adamx.adam(0.01), initial_scale=2.0**8, dynamic_growth_steps=2))
+    _close(p1, p2, rtol=1e-6, atol=1e-7)
+    assert int(s1.skipped_steps) == 1
