@@ -21,10 +21,11 @@ demo: $(VENV)/.base
 
 lint: $(VENV)/.base
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 test: lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 $(VENV)/bin/pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 ADAMX_KERNEL_WERROR=1 $(VENV)/bin/pytest -q
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py

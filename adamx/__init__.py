@@ -21,6 +21,10 @@ from adamx._lazy import LazyAdam as LazyAdam
 from adamx._lazy import LazyAdamState as LazyAdamState
 from adamx._lazy import lazy_adam as lazy_adam
 from adamx._lazy import row_gradient as row_gradient
+from adamx._loss_scale import LossScaleOptimizer as LossScaleOptimizer
+from adamx._loss_scale import LossScaleState as LossScaleState
+from adamx._loss_scale import loss_scale as loss_scale
+from adamx._loss_scale import loss_scale_optimizer as loss_scale_optimizer
 from adamx._moments import ScaleByAdamState as ScaleByAdamState
 from adamx._moments import scale_by_adam as scale_by_adam
 from adamx._spec import AdamOptions as AdamOptions
@@ -43,6 +47,8 @@ __all__ = [
     "FlatBuffers",
     "LazyAdam",
     "LazyAdamState",
+    "LossScaleOptimizer",
+    "LossScaleState",
     "ScaleByAdamState",
     "Tf1AdamState",
     "adam",
@@ -53,6 +59,8 @@ __all__ = [
     "ema_params",
     "finalize_variable_values",
     "fused",
+    "loss_scale",
+    "loss_scale_optimizer",
     "from_keras_config",
     "lazy_adam",
     "row_gradient",

@@ -41,7 +41,9 @@ class _Update:
             out = _step.update_flat(spec, grads, state, params)
             return out if out is not None else _step.update_flat_by_leaf(spec, grads, state, params)
         if params is None and spec.needs_params:
-            raise ValueError("adamx.adam with weight_decay or use_ema needs the params: call update(grads, state, params).")
+            raise ValueError(
+                "adamx.adam with weight_decay or use_ema needs the params: call update(grads, state, params)."
+            )
         return _step.update_tree(spec, grads, state, params)
 
 

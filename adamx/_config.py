@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adamx import schedules
+from adamx import _loss_scale, schedules
 from adamx._adam import Adam, adam
 from adamx._spec import ADAMX_KEYS, KERAS3_KEYS
 
@@ -12,8 +12,8 @@ from adamx._spec import ADAMX_KEYS, KERAS3_KEYS
 LEGACY_KEYS = ("decay", "jit_compile", "is_legacy_optimizer", "lr")
 
 
-def from_keras_config(config: dict[str, Any]) -> Adam:
-    """Build the optimizer a Keras ``Adam``/``AdamW`` config describes.
+def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOptimizer:
+    """Build the optimizer a Keras ``Adam``/``AdamW`` (or ``LossScaleOptimizer``) config describes.
 
     Accepts what ``keras.optimizers.Adam(...).get_config()`` (Keras 3) prints, what
     ``keras.optimizers.serialize`` prints (``{'class_name': 'Adam', 'config': {...}}``),
@@ -36,21 +36,17 @@ def from_keras_config(config: dict[str, Any]) -> Adam:
         raise TypeError(f"`config` must be a dict, got {type(config).__name__}.")
     if "config" in config and "class_name" in config:
         cls = config["class_name"]
+        if cls == "LossScaleOptimizer":
+            return loss_scale_from_keras_config(config)
         if cls not in ("Adam", "AdamW"):
-            raise ValueError(f"from_keras_config builds Adam and AdamW, got class_name={cls!r}.")
+            raise ValueError(f"from_keras_config builds Adam, AdamW and LossScaleOptimizer, got class_name={cls!r}.")
         config = config["config"]
-    if "inner_optimizer" in config:
-        raise ValueError(
-            "This is a keras.optimizers.LossScaleOptimizer config: adamx has no dynamic loss scaling. "
-            "Build the inner optimizer with from_keras_config(config['inner_optimizer']) and use "
-            "`loss_scale_factor` for a static scale, or optax.apply_if_finite to skip non-finite steps."
-        )
+    if "inner_optimizer" in config:  # a keras.optimizers.LossScaleOptimizer config
+        return loss_scale_from_keras_config(config)
     known = set(KERAS3_KEYS) | set(LEGACY_KEYS) | set(ADAMX_KEYS)
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(
-            f"Unknown key(s) in the Adam config: {unknown}. Known keys: {sorted(known)}."
-        )
+        raise ValueError(f"Unknown key(s) in the Adam config: {unknown}. Known keys: {sorted(known)}.")
     cfg = dict(config)
     if "lr" in cfg:
         if "learning_rate" in cfg:
@@ -71,7 +67,7 @@ def from_keras_config(config: dict[str, Any]) -> Adam:
     return adam(learning_rate=lr, name=str(cfg.get("name") or "adam"), **kwargs)
 
 
-def to_keras_config(opt: Adam, *, include_adamx: bool = False) -> dict[str, Any]:
+def to_keras_config(opt: Adam | _loss_scale.LossScaleOptimizer, *, include_adamx: bool = False) -> dict[str, Any]:
     """The Keras 3 ``Adam.get_config()`` dict for an :func:`adamx.adam` optimizer.
 
     ``keras.optimizers.Adam.from_config`` (or :func:`from_keras_config`) rebuilds the
@@ -83,6 +79,65 @@ def to_keras_config(opt: Adam, *, include_adamx: bool = False) -> dict[str, Any]
     ``flat_state``, which otherwise is left out: it changes storage, not numbers); a
     ``weight_decay_mask`` or a non-Keras schedule cannot be written at all.
     """
+    if isinstance(opt, _loss_scale.LossScaleOptimizer):
+        return _loss_scale.loss_scale_to_keras_config(opt, include_adamx=include_adamx)
     if not isinstance(opt, Adam):
-        raise TypeError(f"to_keras_config takes an optimizer made by adamx.adam/adamw, got {type(opt).__name__}.")
+        raise TypeError(
+            "to_keras_config takes an optimizer made by adamx.adam/adamw or adamx.loss_scale_optimizer, "
+            f"got {type(opt).__name__}."
+        )
     return opt.spec.keras_config(include_adamx=include_adamx)
+
+
+def loss_scale_from_keras_config(config: dict[str, Any]) -> _loss_scale.LossScaleOptimizer:
+    """Build a :func:`loss_scale_optimizer` from Keras's ``LossScaleOptimizer.get_config()``.
+
+    Also accepts the ``{'class_name': 'LossScaleOptimizer', 'config': {...}}`` form and,
+    as Keras does, the base-optimizer keys of older configs (``weight_decay``,
+    ``use_ema``, ...) at their default values, and ``dynamic=True``. The inner optimizer
+    is built by :func:`adamx.from_keras_config`.
+
+    Example:
+      >>> import adamx
+      >>> opt = adamx.from_keras_config({"name": "loss_scale_optimizer", "initial_scale": 1024.0,
+      ...     "dynamic_growth_steps": 4, "inner_optimizer": {"class_name": "Adam",
+      ...     "config": {"name": "adam", "learning_rate": 0.001}}})
+      >>> opt.hyperparams["initial_scale"], opt.hyperparams["dynamic_growth_steps"]
+      (1024.0, 4)
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"`config` must be a dict, got {type(config).__name__}.")
+    if "class_name" in config and "config" in config:
+        if config["class_name"] != "LossScaleOptimizer":
+            raise ValueError(f"Expected class_name='LossScaleOptimizer', got {config['class_name']!r}.")
+        config = config["config"]
+    cfg = dict(config)
+    if "inner_optimizer" not in cfg:
+        raise ValueError("A LossScaleOptimizer config needs the key `inner_optimizer`.")
+    if not cfg.pop("dynamic", True):
+        raise ValueError(
+            "`dynamic=False` is not supported (Keras neither): set `loss_scale_factor` on the inner optimizer."
+        )
+    for key, default in _loss_scale._KERAS_BASE_DEFAULTS.items():
+        if key in cfg:
+            value = cfg.pop(key)
+            if value != default or (default is None and value is not None):
+                raise ValueError(f"LossScaleOptimizer does not support `{key}`; set it on the inner optimizer.")
+    unknown = sorted(set(cfg) - set(_loss_scale._KERAS_KEYS) - set(_loss_scale._ADAMX_KEYS))
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) in the LossScaleOptimizer config: {unknown}. "
+            f"Known keys: {sorted(_loss_scale._KERAS_KEYS + _loss_scale._ADAMX_KEYS)}."
+        )
+    inner_cfg = cfg["inner_optimizer"]
+    if not isinstance(inner_cfg, dict):
+        raise TypeError(f"`inner_optimizer` must be a dict (a serialized optimizer), got {type(inner_cfg).__name__}.")
+    inner = from_keras_config(inner_cfg)
+    return _loss_scale.loss_scale_optimizer(
+        inner,
+        cfg.get("initial_scale", 2.0**15),
+        cfg.get("dynamic_growth_steps", 2000),
+        min_scale=cfg.get("min_scale"),
+        max_scale=cfg.get("max_scale"),
+        name=str(cfg.get("name") or "loss_scale_optimizer"),
+    )

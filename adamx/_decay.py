@@ -53,12 +53,9 @@ def decay_mask_leaves(
 def check_exclude(exclude_from_weight_decay: Any) -> None:
     if exclude_from_weight_decay is None:
         return
-    if isinstance(exclude_from_weight_decay, str) or not all(
-        isinstance(p, str) for p in exclude_from_weight_decay
-    ):
+    if isinstance(exclude_from_weight_decay, str) or not all(isinstance(p, str) for p in exclude_from_weight_decay):
         raise TypeError(
-            "`exclude_from_weight_decay` must be a list of name patterns (strings), "
-            f"got {exclude_from_weight_decay!r}."
+            f"`exclude_from_weight_decay` must be a list of name patterns (strings), got {exclude_from_weight_decay!r}."
         )
     for p in exclude_from_weight_decay:
         try:

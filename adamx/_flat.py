@@ -103,7 +103,3 @@ def unpack(flat: FlatBuffers, lay: Layout) -> list[jax.Array]:
 def buffers_of(flat: Any) -> tuple[Any, ...]:
     """The arrays of a :class:`FlatBuffers` (unwrapping containers such as nnx variables)."""
     return tuple(jnp.asarray(b[...] if hasattr(b, "get_value") else b) for b in flat.buffers)
-
-
-def is_flat(x: Any) -> bool:
-    return isinstance(x, FlatBuffers)

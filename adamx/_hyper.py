@@ -97,7 +97,11 @@ def check_int(name: str, x: Any, *, lo: int) -> None:
         return
     if isinstance(x, bool) or not (
         isinstance(x, numbers.Integral)
-        or (isinstance(x, (np.ndarray, np.generic, jax.Array)) and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.integer))
+        or (
+            isinstance(x, (np.ndarray, np.generic, jax.Array))
+            and np.ndim(x) == 0
+            and np.issubdtype(np.asarray(x).dtype, np.integer)
+        )
     ):
         raise ValueError(f"`{name}` must be an integer >= {lo} or None, got {x!r}.")
     if int(x) < lo:

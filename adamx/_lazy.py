@@ -9,7 +9,7 @@ weight and moments stay bit-for-bit as they were. Other leaves get ordinary Adam
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,10 +160,10 @@ def lazy_adam(
     epsilon: float = 1e-7,
     epsilon_mode: EpsilonMode = "hat",
     *,
-    weight_decay: Optional[_hyper.ScalarOrSchedule] = None,
-    clipnorm: Optional[float] = None,
-    clipvalue: Optional[float] = None,
-    global_clipnorm: Optional[float] = None,
+    weight_decay: _hyper.ScalarOrSchedule | None = None,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
 ) -> LazyAdam:
     r"""Lazy (sparse) Adam: table rows and their moments change only when a gradient touches them.
 
@@ -268,9 +268,7 @@ def lazy_adam(
         global_clipnorm=global_clipnorm,
     )
     _validate(hp)
-    decay_on = weight_decay is not None and (
-        _hyper.is_schedule(weight_decay) or _hyper.concrete(weight_decay) != 0.0
-    )
+    decay_on = weight_decay is not None and (_hyper.is_schedule(weight_decay) or _hyper.concrete(weight_decay) != 0.0)
 
     def init_fn(params: optax.Params) -> LazyAdamState:
         return LazyAdamState(
@@ -339,7 +337,7 @@ def lazy_adam(
         lr, wd, sp_sc, de_sc = scalars(n)
 
         # 1. sparse leaves: de-duplicate; everything: cast to the compute dtype, check shapes
-        rows: list[Optional[jax.Array]] = []
+        rows: list[jax.Array | None] = []
         gs: list[Any] = []
         for path, g, p in zip(paths, g_l, p_l):
             cd = _tree.compute_dtype(jnp.result_type(p))
@@ -371,9 +369,7 @@ def lazy_adam(
                 mu_n.append(m)
                 nu_n.append(v)
             elif r is None:
-                u, m2, v2 = leaf_update(
-                    g, m, v, p, de_sc, "kernel" if epsilon_mode == "hat" else "textbook", lr, wd
-                )
+                u, m2, v2 = leaf_update(g, m, v, p, de_sc, "kernel" if epsilon_mode == "hat" else "textbook", lr, wd)
                 out_l.append(optax.apply_updates(p, u) if apply else u)
                 mu_n.append(m2)
                 nu_n.append(v2)
@@ -386,9 +382,7 @@ def lazy_adam(
                     new_rows = jnp.asarray(p_rows + u).astype(p_rows.dtype)  # as optax.apply_updates
                     out_l.append(_scatter(p, r, new_rows))
                 else:
-                    out_l.append(
-                        jsparse.BCOO((u, r[:, None]), shape=p.shape, indices_sorted=True, unique_indices=True)
-                    )
+                    out_l.append(jsparse.BCOO((u, r[:, None]), shape=p.shape, indices_sorted=True, unique_indices=True))
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out_l), LazyAdamState(count=optax.safe_increment(n), mu=unflat(mu_n), nu=unflat(nu_n))
 

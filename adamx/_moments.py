@@ -258,22 +258,25 @@ def adam_leaf(
     """
     cd = _tree.compute_dtype(jnp.result_type(g, m, v))
     gf = g.astype(cd)
-    m2, v2 = update_moments(
-        gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form
-    )
+    m2, v2 = update_moments(gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form)
     v_used = v2
     vm2 = None
     if v_max is not None:
         v_used = jnp.maximum(v_max.astype(cd), v2)
         vm2 = v_used.astype(v_max.dtype)
-    d = direction(
-        m2, v_used, alpha=sc.alpha, b1p=sc.b1p, b2p=sc.b2p, eps=sc.eps, eps_root=sc.eps_root, mode=mode
-    )
+    d = direction(m2, v_used, alpha=sc.alpha, b1p=sc.b1p, b2p=sc.b2p, eps=sc.eps, eps_root=sc.eps_root, mode=mode)
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 
 def adam_leaves(
-    g_l: list[Any], mu_l: list[Any], nu_l: list[Any], nm_l: list[Any], sc: AdamScalars, *, form: MomentForm, mode: EpsilonMode
+    g_l: list[Any],
+    mu_l: list[Any],
+    nu_l: list[Any],
+    nm_l: list[Any],
+    sc: AdamScalars,
+    *,
+    form: MomentForm,
+    mode: EpsilonMode,
 ) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     """:func:`adam_leaf` over lists of leaves: ``(directions, mu, nu, nu_max)``.
 
@@ -294,4 +297,3 @@ def _check_adam_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
     _hyper.check_scalar("beta_2", b2, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
     _hyper.check_scalar("epsilon", eps, lo=0.0)
     _hyper.check_scalar("eps_root", eps_root, lo=0.0)
-

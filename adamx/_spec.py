@@ -177,9 +177,7 @@ class AdamSpec:
     @property
     def clip_threshold(self) -> Any:
         """The threshold of :attr:`clip_mode` (``None`` for ``none``)."""
-        return {"norm": self.clipnorm, "global_norm": self.global_clipnorm, "value": self.clipvalue}.get(
-            self.clip_mode
-        )
+        return {"norm": self.clipnorm, "global_norm": self.global_clipnorm, "value": self.clipvalue}.get(self.clip_mode)
 
     @property
     def needs_params(self) -> bool:
@@ -212,7 +210,9 @@ class AdamSpec:
         if isinstance(lr, schedules.KerasSchedule):
             lr_out: Any = lr.serialize()
         elif callable(lr):
-            raise ValueError("`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config.")
+            raise ValueError(
+                "`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config."
+            )
         else:
             lr_out = float(np.float32(lr))
         for k in ("beta_1", "beta_2", "weight_decay"):
@@ -224,7 +224,9 @@ class AdamSpec:
         for k in KERAS3_KEYS[2:]:
             v = getattr(self, k)
             out[k] = float(v) if isinstance(v, (np.floating, np.integer)) and not isinstance(v, bool) else v
-        extra = {k: getattr(self, k) for k in ADAMX_KEYS if getattr(self, k) is not None and getattr(self, k) is not False}
+        extra = {
+            k: getattr(self, k) for k in ADAMX_KEYS if getattr(self, k) is not None and getattr(self, k) is not False
+        }
         if not include_adamx:
             extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
         if extra and not include_adamx:

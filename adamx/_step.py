@@ -263,7 +263,10 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
         ]
 
     def idle(g_l: list[Any]) -> list[Any]:
-        return [None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.result_type(p)) for g, p in zip(g_l, p_l)]
+        return [
+            None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.result_type(p))
+            for g, p in zip(g_l, p_l)
+        ]
 
     u_l, st = direction(spec, n, lambda: scalars(spec, n), g_l, st, finish=finish, idle=idle)
     ema_l = None
@@ -308,15 +311,24 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     gf = unscale(spec, list(_flat.pack(g_l, lay).buffers))
     nones = _none_list(ng)
     st = Moments(
-        acc=list(bufs.get("acc", nones)), mu=list(bufs["mu"]), nu=list(bufs["nu"]), nu_max=list(bufs.get("nu_max", nones))
+        acc=list(bufs.get("acc", nones)),
+        mu=list(bufs["mu"]),
+        nu=list(bufs["nu"]),
+        nu_max=list(bufs.get("nu_max", nones)),
     )
     d, st = direction(
-        spec, n, lambda: sc, gf, st,
+        spec,
+        n,
+        lambda: sc,
+        gf,
+        st,
         split=lambda us: [piece(us, i) for i in range(len(p_l))],
         join=lambda ls: list(_flat.pack(ls, lay).buffers),
-    )  # fmt: skip
+    )
     real = None if spec.window is None else sc.is_real
-    keep = _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * len(p_l)
+    keep = (
+        _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * len(p_l)
+    )
 
     def finish(d: Any, p: Any, dec: bool) -> Any:
         """The update in the params' dtype; zero on micro-steps (``d`` is a placeholder there)."""
@@ -359,7 +371,9 @@ def update_flat_by_leaf(spec: AdamSpec, grads: optax.Updates, state: AdamState, 
     leaves, treedef = jax.tree_util.tree_flatten(params)
     tdef: Any = treedef
     lays = {f: layout(spec, f, leaves) for f in spec.fields_on}
-    as_tree = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
+    as_tree = {
+        f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()
+    }
     updates, new = update_tree(spec, grads, state._replace(**as_tree), params)
     packed = {f: _flat.pack(tdef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()}
     return updates, new._replace(**packed)

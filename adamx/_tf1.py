@@ -114,9 +114,7 @@ def tf1_adam(
                 mu_n.append(m)
                 nu_n.append(v)
                 continue
-            d, m2, v2, _ = _moments.adam_leaf(
-                g, m, v, None, sc, form="textbook" if sp else "kernel", mode="hat"
-            )
+            d, m2, v2, _ = _moments.adam_leaf(g, m, v, None, sc, form="textbook" if sp else "kernel", mode="hat")
             u_l.append((-d).astype(g.dtype if p is None else jnp.asarray(p).dtype))
             mu_n.append(m2)
             nu_n.append(v2)

@@ -79,9 +79,7 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
     try:
         g_leaves = treedef.flatten_up_to(grads)
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"grads do not match params: {_first_mismatch(grads, params)}"
-        ) from e
+        raise ValueError(f"grads do not match params: {_first_mismatch(grads, params)}") from e
     p_leaves = treedef.flatten_up_to(params)
     paths = None
     out: list[Any] = []
@@ -95,8 +93,7 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
             # a nested subtree where params has a leaf
             paths = paths or leaf_paths(params)
             raise ValueError(
-                f"grads do not match params at '{paths[i]}': grads has {_describe(g)}, "
-                f"params has {_describe(p)}"
+                f"grads do not match params at '{paths[i]}': grads has {_describe(g)}, params has {_describe(p)}"
             )
         if tuple(g.shape) != tuple(jnp.shape(p)):
             paths = paths or leaf_paths(params)
@@ -106,10 +103,6 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
             )
         out.append(g)
     return out, p_leaves, treedef
-
-
-def leaves_like(tree_leaves: list[Any], ref_treedef: jax.tree_util.PyTreeDef) -> PyTree:
-    return jax.tree_util.tree_unflatten(ref_treedef, tree_leaves)
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:

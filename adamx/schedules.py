@@ -55,7 +55,9 @@ class KerasSchedule:
         return {"module": _MODULE, "class_name": self.class_name, "config": self.get_config(), "registered_name": None}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, KerasSchedule) and type(self) is type(other) and self.get_config() == other.get_config()
+        return (
+            isinstance(other, KerasSchedule) and type(self) is type(other) and self.get_config() == other.get_config()
+        )
 
     def __hash__(self) -> int:
         return hash((type(self), repr(sorted(self.get_config().items()))))
@@ -240,7 +242,14 @@ class CosineDecayRestarts(KerasSchedule):
 
 SCHEDULES: dict[str, type[KerasSchedule]] = {
     c.class_name: c
-    for c in (ExponentialDecay, PiecewiseConstantDecay, PolynomialDecay, InverseTimeDecay, CosineDecay, CosineDecayRestarts)
+    for c in (
+        ExponentialDecay,
+        PiecewiseConstantDecay,
+        PolynomialDecay,
+        InverseTimeDecay,
+        CosineDecay,
+        CosineDecayRestarts,
+    )
 }
 
 
@@ -250,9 +259,7 @@ def deserialize(config: dict[str, Any]) -> KerasSchedule:
         raise ValueError(f"A serialized schedule needs 'class_name' and 'config' keys, got {config!r}.")
     name = config["class_name"]
     if name not in SCHEDULES:
-        raise ValueError(
-            f"Unknown learning-rate schedule {name!r}; adamx knows {sorted(SCHEDULES)}."
-        )
+        raise ValueError(f"Unknown learning-rate schedule {name!r}; adamx knows {sorted(SCHEDULES)}.")
     return SCHEDULES[name](**config["config"])
 
 

@@ -56,7 +56,9 @@ def torch_sparse_runner(idx: np.ndarray, vals: np.ndarray, inner: int):
         return None
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(N_ROWS, WIDTH) * 0.1)
-    grad = torch.sparse_coo_tensor(torch.tensor(idx[None].astype(np.int64)), torch.tensor(vals), (N_ROWS, WIDTH), check_invariants=False)
+    grad = torch.sparse_coo_tensor(
+        torch.tensor(idx[None].astype(np.int64)), torch.tensor(vals), (N_ROWS, WIDTH), check_invariants=False
+    )
     opt = torch.optim.SparseAdam([p], lr=1e-3)
 
     def step() -> None:
@@ -129,7 +131,9 @@ def step_time(rounds: int) -> dict:
 # ---------------------------------------------------------------- recommender
 
 
-def make_ratings(seed: int = 0, users: int = 20_000, items: int = 5_000, rank: int = 8, n_train: int = 400_000, n_test: int = 50_000):
+def make_ratings(
+    seed: int = 0, users: int = 20_000, items: int = 5_000, rank: int = 8, n_train: int = 400_000, n_test: int = 50_000
+):
     """Synthetic ratings: ``(train, test, (users, items))``, each split ``(u, i, r)`` arrays."""
     rng = np.random.default_rng(seed)
     u_true = rng.standard_normal((users, rank)) / np.sqrt(rank)
@@ -201,8 +205,15 @@ def recommender(steps: int = 3000, batch: int = 1024, width: int = 16, lr: float
             "loss_every_100": curve,
             "items_never_seen": int(n_items - np.unique(train[1][order.reshape(-1)]).size),
         }
-    out["setup"] = {"steps": steps, "batch": batch, "width": width, "lr": lr, "users": n_users, "items": n_items,
-                    "noise_floor_mse": 0.01}
+    out["setup"] = {
+        "steps": steps,
+        "batch": batch,
+        "width": width,
+        "lr": lr,
+        "users": n_users,
+        "items": n_items,
+        "noise_floor_mse": 0.01,
+    }
     return out
 
 
@@ -295,7 +306,9 @@ def write(res: dict) -> None:
         "Batch loss every 500 steps (lazy / dense): "
         + ", ".join(
             f"{a:.3f}/{b:.3f}"
-            for a, b in zip(rec["adamx.lazy_adam"]["loss_every_100"][4::5], rec["adamx.adam (dense)"]["loss_every_100"][4::5])
+            for a, b in zip(
+                rec["adamx.lazy_adam"]["loss_every_100"][4::5], rec["adamx.adam (dense)"]["loss_every_100"][4::5]
+            )
         ),
         "",
     ]
@@ -306,12 +319,21 @@ def write(res: dict) -> None:
 def main() -> None:
     t0 = time.perf_counter()
     rounds = int(os.environ.get("LAZY_BENCH_ROUNDS", "9"))
-    res = {"machine": H.machine_info(), "command": "PYTHONPATH=. python benchmarks/lazy.py", "rounds": rounds,
-           "load_average_start": os.getloadavg()[0]}
+    res = {
+        "machine": H.machine_info(),
+        "command": "PYTHONPATH=. python benchmarks/lazy.py",
+        "rounds": rounds,
+        "load_average_start": os.getloadavg()[0],
+    }
     res["step_time"] = step_time(rounds)
     print(json.dumps(res["step_time"], indent=1))
     res["recommender"] = recommender(steps=int(os.environ.get("LAZY_BENCH_STEPS", "3000")))
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "loss_every_100"} for k, v in res["recommender"].items()}, indent=1))
+    print(
+        json.dumps(
+            {k: {kk: vv for kk, vv in v.items() if kk != "loss_every_100"} for k, v in res["recommender"].items()},
+            indent=1,
+        )
+    )
     res["total_seconds"] = time.perf_counter() - t0
     res["load_average_end"] = os.getloadavg()[0]
     write(res)

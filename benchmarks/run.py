@@ -273,7 +273,13 @@ def compile_times(sizes: list[int], kinds: dict[int, list[str]], timeout: float,
     res: dict[str, dict[int, Any]] = {}
     for leaves in sizes:
         for kind in kinds[leaves]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--compile-one", kind, f"{leaves}{'d' if distinct else ''}"]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--compile-one",
+                kind,
+                f"{leaves}{'d' if distinct else ''}",
+            ]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
                 val: Any = json.loads(r.stdout.strip().splitlines()[-1])["seconds"] if r.returncode == 0 else "error"
@@ -282,7 +288,10 @@ def compile_times(sizes: list[int], kinds: dict[int, list[str]], timeout: float,
             except subprocess.TimeoutExpired:
                 val = f"timed out (>{timeout:.0f} s)"
             res.setdefault(kind, {})[leaves] = val
-            print(f"[compile] {kind} @ {leaves}{' distinct' if distinct else ''} leaves: {val if isinstance(val, str) else f'{val:.2f} s'}", flush=True)
+            print(
+                f"[compile] {kind} @ {leaves}{' distinct' if distinct else ''} leaves: {val if isinstance(val, str) else f'{val:.2f} s'}",
+                flush=True,
+            )
     return res
 
 
@@ -545,7 +554,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds (a few minutes)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results, or results/quick)")
     ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument("--replot", metavar="RESULTS_JSON", help="only rewrite results.md and chart.png from a results.json")
+    ap.add_argument(
+        "--replot", metavar="RESULTS_JSON", help="only rewrite results.md and chart.png from a results.json"
+    )
     ap.add_argument("--compile-one", nargs=2, metavar=("KIND", "LEAVES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_one:

@@ -145,11 +145,22 @@ def main(argv: list[str] | None = None) -> int:
 
     section("5. Keras configs: from_keras_config / get_config")
     keras3 = {  # what keras.optimizers.Adam(learning_rate=0.002, amsgrad=True, global_clipnorm=1.0).get_config() prints
-        "name": "adam", "learning_rate": 0.0020000000949949026, "weight_decay": None, "clipnorm": None,
-        "global_clipnorm": 1.0, "clipvalue": None, "use_ema": False, "ema_momentum": 0.99,
-        "ema_overwrite_frequency": None, "loss_scale_factor": None, "gradient_accumulation_steps": None,
-        "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-07, "amsgrad": True,
-    }  # fmt: skip
+        "name": "adam",
+        "learning_rate": 0.0020000000949949026,
+        "weight_decay": None,
+        "clipnorm": None,
+        "global_clipnorm": 1.0,
+        "clipvalue": None,
+        "use_ema": False,
+        "ema_momentum": 0.99,
+        "ema_overwrite_frequency": None,
+        "loss_scale_factor": None,
+        "gradient_accumulation_steps": None,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-07,
+        "amsgrad": True,
+    }
     opt = adamx.from_keras_config(keras3)
     back = opt.get_config()
     print("Keras 3 config in :", keras3)
@@ -163,8 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"with a schedule, rebuilt learning_rate: {again.hyperparams['learning_rate']!r}")
     checks["schedule round trip"] = again.get_config() == sched_cfg
 
-    legacy = {"name": "Adam", "learning_rate": 0.001, "decay": 0.01, "beta_1": 0.9, "beta_2": 0.999,
-              "epsilon": 1e-07, "amsgrad": False}  # fmt: skip
+    legacy = {
+        "name": "Adam",
+        "learning_rate": 0.001,
+        "decay": 0.01,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-07,
+        "amsgrad": False,
+    }
     old = adamx.from_keras_config(legacy)
     print(f"tf.keras (TF 2.x) config {legacy}\n  -> learning_rate {old.hyperparams['learning_rate']!r}")
 

@@ -105,7 +105,9 @@ def test_chain_of_blocks_equals_adam():
     """adamx.adam is the chain clip -> scale_by_adam -> decay -> lr -> ema, written as one transform."""
     meta, data = _load("keras_defaults")
     keys, n = meta["param_keys"], meta["n_steps"]
-    kw = dict(learning_rate=0.01, amsgrad=True, weight_decay=0.05, use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=4)
+    kw = dict(
+        learning_rate=0.01, amsgrad=True, weight_decay=0.05, use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=4
+    )
     for clip_kw, clip_tx in (
         (dict(clipnorm=0.5), adamx.clip_by_norm(0.5)),
         (dict(global_clipnorm=0.5), adamx.clip_by_global_norm(0.5)),

@@ -19,6 +19,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # script -> strings its --smoke output must contain
 EXPECTED = {
+    "lazy_embeddings.py": [
+        "untouched rows unchanged (weights and moments, bit for bit): True",
+        "every seen row moved: True",
+        "lazy embeddings: OK",
+    ],
     "mnist_mlp.py": [
         "data=digits",
         "optimizer config, opt.get_config():",

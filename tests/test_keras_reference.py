@@ -84,14 +84,22 @@ def test_adamx_replays_keras(name):
     for t, (params, state) in enumerate(traj):
         for k in keys:
             np.testing.assert_allclose(
-                np.asarray(params[k]), data[f"params/{k}"][t + 1], rtol=RTOL, atol=ATOL, err_msg=f"{name} step {t + 1} {k}"
+                np.asarray(params[k]),
+                data[f"params/{k}"][t + 1],
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=f"{name} step {t + 1} {k}",
             )
             for ks, field in slot.items():
                 if f"{ks}/{k}" not in data.files:
                     continue
                 want = data[f"{ks}/{k}"][t]
                 np.testing.assert_allclose(
-                    np.asarray(getattr(state, field)[k]), want, rtol=RTOL, atol=ATOL, err_msg=f"{name} step {t + 1} {ks} {k}"
+                    np.asarray(getattr(state, field)[k]),
+                    want,
+                    rtol=RTOL,
+                    atol=ATOL,
+                    err_msg=f"{name} step {t + 1} {ks} {k}",
                 )
                 checked.add(ks)
     assert {"m", "v"} <= checked
@@ -143,8 +151,6 @@ def test_keras_bfloat16_fixture_shows_the_freeze_adamx_avoids(name):
     frozen = all(np.array_equal(data[f"params/{k}"][0], data[f"params/{k}"][-1]) for k in keys)
     assert frozen == (meta["kwargs"].get("beta_2", 0.999) == 0.999)
     traj = _run(_build(meta), data, keys, jax.numpy.bfloat16, meta["n_steps"])
-    moved = sum(
-        int(np.sum(np.asarray(traj[-1][0][k]).astype(np.float32) != data[f"params/{k}"][0])) for k in keys
-    )
+    moved = sum(int(np.sum(np.asarray(traj[-1][0][k]).astype(np.float32) != data[f"params/{k}"][0])) for k in keys)
     assert moved > 0
     assert all(np.all(np.isfinite(np.asarray(traj[-1][1].nu[k]))) for k in keys)

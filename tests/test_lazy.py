@@ -170,8 +170,11 @@ def test_untouched_rows_are_bit_for_bit_unchanged_while_dense_adam_moves_them():
         params, state = step(params, state, {"emb": g})
         untouched = np.setdiff1d(np.arange(table.shape[0]), idx)
         assert untouched.size
-        for new, old in [(params["emb"], before[0]["emb"]), (state.mu["emb"], before[1].mu["emb"]),
-                         (state.nu["emb"], before[1].nu["emb"])]:
+        for new, old in [
+            (params["emb"], before[0]["emb"]),
+            (state.mu["emb"], before[1].mu["emb"]),
+            (state.nu["emb"], before[1].nu["emb"]),
+        ]:
             new = np.asarray(new)
             assert np.array_equal(new[untouched], old[untouched])
             assert not np.array_equal(new[idx], old[idx])
@@ -299,8 +302,10 @@ def test_clipping_uses_the_summed_rows():
     p = {"t": jnp.zeros((3, 2)), "w": jnp.zeros(1)}
     sc, sp = clipped.init(p), plain.init(p)
     _, sc = clipped.apply_gradients({"t": g_emb, "w": g_w}, sc, p)
-    scaled = {"t": adamx.row_gradient(jnp.asarray([0, 2]), jnp.asarray([[4.0, 0.0], [0.0, 2.0]]) / norm, 3),
-              "w": g_w / norm}
+    scaled = {
+        "t": adamx.row_gradient(jnp.asarray([0, 2]), jnp.asarray([[4.0, 0.0], [0.0, 2.0]]) / norm, 3),
+        "w": g_w / norm,
+    }
     _, sp = plain.apply_gradients(scaled, sp, p)
     np.testing.assert_allclose(np.asarray(sc.mu["t"]), np.asarray(sp.mu["t"]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(sc.mu["w"]), np.asarray(sp.mu["w"]), rtol=1e-6)
@@ -381,7 +386,9 @@ def test_update_errors_name_the_leaf():
     with pytest.raises(ValueError, match=r"row gradient at 'a/emb'.*row_gradient"):
         opt.update({"a": {"emb": elementwise}, "w": jnp.zeros(2)}, s, p)
     with pytest.raises(ValueError, match=r"'a/emb'.*shape \(5, 2\)"):
-        opt.update({"a": {"emb": adamx.row_gradient(jnp.zeros(1, jnp.int32), jnp.ones((1, 2)), 5)}, "w": jnp.zeros(2)}, s, p)
+        opt.update(
+            {"a": {"emb": adamx.row_gradient(jnp.zeros(1, jnp.int32), jnp.ones((1, 2)), 5)}, "w": jnp.zeros(2)}, s, p
+        )
     with pytest.raises(ValueError, match=r"'w'.*shape \(3,\)"):
         opt.update({"a": {"emb": jnp.zeros((4, 2))}, "w": jnp.zeros(3)}, s, p)
     with pytest.raises(ValueError, match="grads do not match params"):

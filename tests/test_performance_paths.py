@@ -310,9 +310,7 @@ def test_flat_state_reference_path_equals_tree_state(option, tree):
     fp, fs = run(ref_step(flat_opt), flat_opt, 5, FLAT_TREES[tree])
     assert_trees_close((fp, as_tree_state(fs, ts)), (tp, ts), exact=exact)
     if OPTIONS[option].get("use_ema"):
-        assert_trees_close(
-            adamx.finalize_variable_values(fp, fs), adamx.finalize_variable_values(tp, ts), exact=exact
-        )
+        assert_trees_close(adamx.finalize_variable_values(fp, fs), adamx.finalize_variable_values(tp, ts), exact=exact)
 
 
 def _loops(opt, params):
@@ -331,13 +329,21 @@ def test_flat_reference_path_is_one_loop_per_leaf():
     each extra leaf adds exactly one loop (its update), with every Keras option on. A decay
     mask that splits a dtype group costs a second loop per leaf (the average's params)."""
     kw = dict(
-        weight_decay=0.1, amsgrad=True, global_clipnorm=1.0, use_ema=True, ema_overwrite_frequency=3,
-        gradient_accumulation_steps=2, loss_scale_factor=4.0, flat_state=True,
+        weight_decay=0.1,
+        amsgrad=True,
+        global_clipnorm=1.0,
+        use_ema=True,
+        ema_overwrite_frequency=3,
+        gradient_accumulation_steps=2,
+        loss_scale_factor=4.0,
+        flat_state=True,
     )
     trees = {n: {f"w{i:02d}": jnp.ones((i + 3,)) for i in range(n)} for n in (10, 20)}
     uniform = {n: _loops(adamx.adam(**kw), t) for n, t in trees.items()}
     assert uniform[20] - uniform[10] == 10, uniform
-    masked = {n: _loops(adamx.adam(**kw, weight_decay_mask=lambda p: {k: k != "w00" for k in p}), t) for n, t in trees.items()}
+    masked = {
+        n: _loops(adamx.adam(**kw, weight_decay_mask=lambda p: {k: k != "w00" for k in p}), t) for n, t in trees.items()
+    }
     assert masked[20] - masked[10] == 20, masked
 
 
@@ -433,7 +439,10 @@ def test_kernel_builds_where_required():
     """``make test`` sets ADAMX_REQUIRE_FUSED=1: there a machine with a C++ compiler must build
     the kernel, so the tests above that need it cannot skip unnoticed."""
     assert FUSED, _fused.status()
-    assert _fused.why_not(adamx.adam(), {"w": jnp.ones(3)}, adamx.adam().init({"w": jnp.ones(3)}), {"w": jnp.ones(3)}) is None
+    assert (
+        _fused.why_not(adamx.adam(), {"w": jnp.ones(3)}, adamx.adam().init({"w": jnp.ones(3)}), {"w": jnp.ones(3)})
+        is None
+    )
 
 
 def test_fallback_for_other_transformations():

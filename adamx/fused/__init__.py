@@ -78,6 +78,9 @@ def apply_gradients(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[A
     """
     reason, pl = _plan.plan(tx, grads, opt_state, params)
     if pl is None:
+        own = getattr(tx, "apply_gradients", None)
+        if getattr(tx, "spec", None) is None and callable(own):
+            return own(grads, opt_state, params)  # e.g. a loss scaler around a fused adamx.adam
         updates, new_state = tx.update(grads, opt_state, params)
         return _apply_updates(params, updates), new_state
     return _kernel.run(pl, opt_state, params)

@@ -64,9 +64,9 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
                 if has_acc and not flat:
                     sum_ops.append(acc_l[i])
             sums.append(
-                jax.ffi.ffi_call(_build.SUMSQ_TARGET, jax.ShapeDtypeStruct((len(grp),), jnp.float32), vmap_method="sequential")(
-                    scalar_vec(sc), *sum_ops, offsets=offs(grp), acc=np.int64(has_acc), flat=np.int64(flat)
-                )
+                jax.ffi.ffi_call(
+                    _build.SUMSQ_TARGET, jax.ShapeDtypeStruct((len(grp),), jnp.float32), vmap_method="sequential"
+                )(scalar_vec(sc), *sum_ops, offsets=offs(grp), acc=np.int64(has_acc), flat=np.int64(flat))
             )
         sumsq = jnp.concatenate(sums)
         if clip_mode == 1:  # Keras clipnorm: g * c / max(||g||, c), per tensor
@@ -97,7 +97,10 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
                 ops.extend([p, g_l[i]])
                 outs.append(jax.ShapeDtypeStruct(p.shape, p.dtype))
             r = jax.ffi.ffi_call(_build.STEP_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
-                *ops, decay=np.asarray([bool(keep[i]) for i in grp], np.int64), offsets=offs(grp), flat=np.int64(1),
+                *ops,
+                decay=np.asarray([bool(keep[i]) for i in grp], np.int64),
+                offsets=offs(grp),
+                flat=np.int64(1),
                 **attrs,
             )
             st = list(r[: len(st)])
@@ -130,7 +133,10 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
                 outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
         res.extend(
             jax.ffi.ffi_call(_build.STEP_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
-                *ops, decay=np.asarray([bool(keep[i]) for i in grp], np.int64), offsets=offs(grp), flat=np.int64(0),
+                *ops,
+                decay=np.asarray([bool(keep[i]) for i in grp], np.int64),
+                offsets=offs(grp),
+                flat=np.int64(0),
                 **attrs,
             )
         )

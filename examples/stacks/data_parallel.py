@@ -133,7 +133,9 @@ def run_zero1(data):
 
 
 def max_diff(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     data = make_batches(8 if args.smoke else args.steps, batch=64)
     print(f"{jax.device_count()} devices, {len(data)} steps, global batch 64 (8 rows per device)")
     first_loss = float(loss(init_params(), *data[0]))
-    results = {"jit+NamedSharding": run_jit_sharded(data), "shard_map+pmean": run_shard_map(data), "ZeRO-1": run_zero1(data)}
+    results = {
+        "jit+NamedSharding": run_jit_sharded(data),
+        "shard_map+pmean": run_shard_map(data),
+        "ZeRO-1": run_zero1(data),
+    }
     base = results["jit+NamedSharding"]
     worst = 0.0
     for name, params in results.items():

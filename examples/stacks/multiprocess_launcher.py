@@ -50,7 +50,10 @@ LEARNING_RATE = 1e-2
 def init_params_np(seed: int = 0) -> dict:
     r = np.random.default_rng(seed)
     return {
-        "dense": {"kernel": (r.standard_normal((IN, HIDDEN)) * 0.5).astype(np.float32), "bias": np.zeros(HIDDEN, np.float32)},
+        "dense": {
+            "kernel": (r.standard_normal((IN, HIDDEN)) * 0.5).astype(np.float32),
+            "bias": np.zeros(HIDDEN, np.float32),
+        },
         "out": {"kernel": (r.standard_normal((HIDDEN, 2)) * 0.5).astype(np.float32), "bias": np.zeros(2, np.float32)},
     }
 
@@ -164,13 +167,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_command(process_id: int, port: int, processes: int, devices: int, steps: int, out_dir: str, timeout: float, zero1: bool) -> list[str]:
+def worker_command(
+    process_id: int, port: int, processes: int, devices: int, steps: int, out_dir: str, timeout: float, zero1: bool
+) -> list[str]:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker",
-        "--process-id", str(process_id), "--port", str(port),
-        "--processes", str(processes), "--devices", str(devices),
-        "--steps", str(steps), "--out-dir", out_dir, "--timeout", str(timeout),
-    ]  # fmt: skip
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--process-id",
+        str(process_id),
+        "--port",
+        str(port),
+        "--processes",
+        str(processes),
+        "--devices",
+        str(devices),
+        "--steps",
+        str(steps),
+        "--out-dir",
+        out_dir,
+        "--timeout",
+        str(timeout),
+    ]
     return cmd + (["--zero1"] if zero1 else [])
 
 
@@ -185,7 +203,9 @@ def worker_env(devices: int) -> dict[str, str]:
 PORT_TAKEN = ("already in use", "Failed to add port")  # the free port was grabbed before the coordinator bound it
 
 
-def run_workers(processes: int, devices: int, steps: int, out_dir: str, timeout: float, zero1: bool = False) -> list[str]:
+def run_workers(
+    processes: int, devices: int, steps: int, out_dir: str, timeout: float, zero1: bool = False
+) -> list[str]:
     """Start the workers, wait at most ``timeout`` seconds, kill whatever is left. Returns their outputs.
 
     Raises ``RuntimeError`` if a worker fails or times out. Retries once on a new port
@@ -199,7 +219,9 @@ def run_workers(processes: int, devices: int, steps: int, out_dir: str, timeout:
         return _run_workers_once(free_port(), processes, devices, steps, out_dir, timeout, zero1)
 
 
-def _run_workers_once(port: int, processes: int, devices: int, steps: int, out_dir: str, timeout: float, zero1: bool) -> list[str]:
+def _run_workers_once(
+    port: int, processes: int, devices: int, steps: int, out_dir: str, timeout: float, zero1: bool
+) -> list[str]:
     procs: list[subprocess.Popen] = []
     try:
         for i in range(processes):

@@ -55,6 +55,7 @@ N_STEPS = 7
 RTOL = 1e-5
 ATOL = 1e-7
 
+
 def require_devices(n: int) -> None:
     """Fail (not skip) when the process has fewer devices than the test needs."""
     have = jax.device_count()

@@ -106,4 +106,3 @@ def test_frozen_leaf_with_none_gradient():
     # no update reached the frozen bias (no EMA overwrite yet in 3 calls), the others moved
     assert bool(jnp.all(model_j.out["bias"] == make_model().out["bias"]))
     assert not bool(jnp.all(model_j.out["kernel"] == make_model().out["kernel"]))
-

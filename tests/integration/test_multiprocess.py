@@ -40,7 +40,9 @@ def run_workers(mp, out_dir: Path, zero1: bool) -> dict[int, str]:
         for i in range(PROCESSES):
             cmd = mp.worker_command(i, port, PROCESSES, DEVICES, N_STEPS, str(out_dir), TIMEOUT, zero1)
             procs.append(
-                subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=mp.worker_env(DEVICES))
+                subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=mp.worker_env(DEVICES)
+                )
             )
         deadline = time.monotonic() + TIMEOUT
         for i, p in enumerate(procs):

@@ -112,9 +112,7 @@ def test_checkpoint_manager_resume_is_bit_identical(tmp_path):
     assert int(state.count) == crash_after
     resumed = run(make_step(make_tx("all")), params, state, data[last:])
     assert_trees_equal(resumed, full, what="resumed run")
-    assert_trees_equal(
-        adamx.finalize_variable_values(*resumed), adamx.finalize_variable_values(*full), what="ema"
-    )
+    assert_trees_equal(adamx.finalize_variable_values(*resumed), adamx.finalize_variable_values(*full), what="ema")
 
 
 def test_restore_into_zero1_shardings(tmp_path):

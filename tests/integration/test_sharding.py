@@ -125,7 +125,10 @@ def test_global_clipnorm_is_over_global_arrays(mesh):
 
     with jax.set_mesh(mesh):
         # each param split over both axes where it can be: per-shard norms would all differ from the global one
-        specs = {"dense": {"kernel": P("data", "model"), "bias": P("model")}, "out": {"kernel": P(None, "model"), "bias": P()}}
+        specs = {
+            "dense": {"kernel": P("data", "model"), "bias": P("model")},
+            "out": {"kernel": P(None, "model"), "bias": P()},
+        }
         params = jax.device_put(init_mlp(), jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
         state = clipped.init(params)
 

@@ -1,0 +1,348 @@
+"""``loss_scale_optimizer``: Keras 3's dynamic ``LossScaleOptimizer`` as an optax transformation."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamx import fused
+from adamx._adam import Adam
+
+AxisName = Hashable | Sequence[Hashable]
+
+# Keras's LossScaleOptimizer.__init__ accepts these base-optimizer keys in a config only at
+# their defaults (backwards compatibility with configs of older Keras versions).
+_KERAS_BASE_DEFAULTS: dict[str, Any] = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+_KERAS_KEYS = ("name", "inner_optimizer", "initial_scale", "dynamic_growth_steps")
+_ADAMX_KEYS = ("min_scale", "max_scale")
+
+
+class LossScaleState(NamedTuple):
+    """State of :func:`loss_scale_optimizer`. Field names are the checkpoint format."""
+
+    scale: jax.Array  # shape=(), dtype=float32; the loss scale (Keras `dynamic_scale`)
+    step_counter: jax.Array  # shape=(), dtype=int32; finite steps since the scale last changed (Keras `step_counter`)
+    skipped_steps: jax.Array  # shape=(), dtype=int32; total skipped (non-finite) steps, saturating; not in Keras
+    inner_state: optax.OptState  # the wrapped transformation's state, untouched on skipped steps
+
+
+class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
+    """An ``optax.GradientTransformationExtraArgs`` with ``apply_gradients`` and ``get_config``.
+
+    ``hyperparams`` holds the arguments :func:`loss_scale_optimizer` was called with
+    (``inner`` is the wrapped transformation).
+    """
+
+    hyperparams: dict[str, Any]
+    _apply_gradients: Any
+
+    def apply_gradients(self, grads: optax.Updates, state: LossScaleState, params: optax.Params) -> tuple[Any, Any]:
+        """``update`` then ``optax.apply_updates`` in one call: ``(new_params, new_state)``.
+
+        The inner step runs inside ``jax.lax.cond`` on the finite flag, through the
+        inner transformation's own ``apply_gradients`` where it has one (the fused CPU
+        step of :func:`adamx.adam`). A skipped step returns ``params`` as they came.
+        """
+        return self._apply_gradients(grads, state, params)
+
+    def get_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
+        """The dict Keras's ``LossScaleOptimizer.get_config()`` prints (see :func:`loss_scale_to_keras_config`)."""
+        return loss_scale_to_keras_config(self, include_adamx=include_adamx)
+
+
+def _check_scale(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a positive finite number, got {value!r}.")
+    v = float(value)
+    f32 = np.finfo(np.float32)
+    if not (math.isfinite(v) and float(f32.smallest_normal) <= v <= float(f32.max)):
+        raise ValueError(
+            f"`{name}` must be a positive finite float32 number (normal, so it can be halved), got {value!r}."
+        )
+    return v
+
+
+def _validate(
+    inner: Any, initial_scale: Any, dynamic_growth_steps: Any, min_scale: Any, max_scale: Any, axis_name: Any
+) -> None:
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"`inner` must be an optax GradientTransformation, got {type(inner).__name__}.")
+    init = _check_scale("initial_scale", initial_scale)
+    if isinstance(dynamic_growth_steps, bool) or not isinstance(dynamic_growth_steps, numbers.Integral):
+        raise TypeError(f"`dynamic_growth_steps` must be an int >= 1, got {dynamic_growth_steps!r}.")
+    if not 1 <= int(dynamic_growth_steps) < 2**31 - 1:
+        raise ValueError(f"`dynamic_growth_steps` must be an int >= 1, got {dynamic_growth_steps!r}.")
+    lo = _check_scale("min_scale", min_scale) if min_scale is not None else None
+    hi = _check_scale("max_scale", max_scale) if max_scale is not None else None
+    if lo is not None and lo > init:
+        raise ValueError(f"`min_scale` ({min_scale!r}) must be <= `initial_scale` ({initial_scale!r}).")
+    if hi is not None and hi < init:
+        raise ValueError(f"`max_scale` ({max_scale!r}) must be >= `initial_scale` ({initial_scale!r}).")
+    if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+        raise TypeError(f"`axis_name` must be a mesh axis name (str) or a tuple of them, got {axis_name!r}.")
+
+
+def all_finite(tree: Any, axis_name: AxisName | None = None) -> jax.Array:
+    """``True`` when every element of every array leaf of ``tree`` is finite (a bool scalar).
+
+    With ``axis_name`` (inside ``shard_map``/``pmap``) the flag is combined over those
+    mesh axes with ``jax.lax.pmin``, so every device gets the same answer.
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if x is not None]
+    finite = jnp.asarray(True)
+    for x in leaves:
+        finite = jnp.logical_and(finite, jnp.all(jnp.isfinite(x)))
+    if axis_name is not None:
+        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) == 1
+    return finite
+
+
+def _unscale(g: Any, scale: jax.Array) -> Any:
+    # Keras: ops.divide(g, scale) with the float32 scale (result dtype: g's promoted with
+    # float32), then the inner Adam casts the gradient to the variable dtype. Here the
+    # quotient goes back to g's dtype, the same rounding for a float16/bfloat16 grad.
+    if g is None:
+        return None
+    wide = g.dtype if jnp.dtype(g.dtype).itemsize >= 4 else jnp.dtype(jnp.float32)  # float32 or float64
+    return (g.astype(wide) / scale.astype(wide)).astype(g.dtype)
+
+
+def loss_scale_optimizer(
+    inner: optax.GradientTransformation,
+    initial_scale: float = 2.0**15,
+    dynamic_growth_steps: int = 2000,
+    *,
+    min_scale: float | None = None,
+    max_scale: float | None = None,
+    axis_name: AxisName | None = None,
+    name: str = "loss_scale_optimizer",
+) -> LossScaleOptimizer:
+    r"""Dynamic loss scaling around any optax transformation (Keras 3's ``LossScaleOptimizer``).
+
+    Multiply the loss by :func:`loss_scale` ``(state)`` before taking gradients; the
+    wrapper divides the gradients by the same scale. With ``s`` the scale and ``c`` the
+    step counter in the state, one ``update`` is one Keras ``stateless_apply``:
+
+    .. code-block:: text
+
+        if all(isfinite(g)):                 # every leaf, every element
+            updates, inner_state = inner.update(g / s, inner_state, params)   # the OLD s
+            if c == dynamic_growth_steps - 1:  s = min(2 * s, max_scale);  c = 0
+            else:                              c = c + 1
+        else:                                # step skipped
+            updates = 0                      # params, inner state and inner count unchanged
+            s = max(s / 2, min_scale);  c = 0;  skipped_steps += 1
+
+    So the scale doubles on every ``dynamic_growth_steps``-th consecutive finite step,
+    and that step is still unscaled by the scale its loss was multiplied with.
+    ``initial_scale`` is the scale of the first step. The scale is float32; the
+    division happens in float32 (or wider) and is cast back to the gradient's dtype,
+    which is what Keras's inner Adam sees for float16/bfloat16 variables.
+    Without bounds (Keras) the scale can reach float32 ``inf`` after ~128 doublings or
+    ``0`` after ~150 halvings; ``min_scale``/``max_scale`` clamp it (not in Keras).
+
+    The inner step runs inside ``jax.lax.cond`` on the finite flag (as Keras does), so
+    it is computed only on steps that are applied. Put the loss scaler outermost: a
+    transformation chained *before* it sees scaled (possibly non-finite) gradients.
+
+    Args:
+      inner: the transformation to wrap: :func:`adamx.adam`, an ``optax.chain``, any
+        ``GradientTransformation``. Extra ``update`` keyword arguments are passed on.
+      initial_scale: > 0, the first loss scale (Keras default ``2**15``).
+      dynamic_growth_steps: int >= 1: double the scale after this many consecutive
+        finite steps.
+      min_scale, max_scale: optional bounds for the scale, ``min_scale <=
+        initial_scale <= max_scale``.
+      axis_name: inside ``shard_map``/``pmap`` where each device holds different
+        gradients (sharded params, or grads not yet averaged), the mesh axis name(s)
+        over which the finite flag is combined (``jax.lax.pmin``), so that all devices
+        skip the same steps. Not needed under ``jit`` with global (sharded) arrays.
+      name: kept for ``get_config()``.
+
+    Returns:
+      A :class:`LossScaleOptimizer` with state :class:`LossScaleState`; also
+      ``apply_gradients(grads, state, params) -> (params, state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adamx
+      >>> opt = adamx.loss_scale_optimizer(adamx.adam(0.1), initial_scale=1024.0, dynamic_growth_steps=2)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> loss = lambda p, s: jnp.sum(p["w"] ** 2) * s          # the scaled loss
+      >>> for inject in (False, True, False, False):             # step 2 overflows
+      ...     grads = jax.grad(loss)(params, adamx.loss_scale(state))
+      ...     if inject:
+      ...         grads = {"w": grads["w"].at[0].set(jnp.inf)}
+      ...     updates, state = opt.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      ...     print(float(adamx.loss_scale(state)), int(state.skipped_steps))
+      1024.0 0
+      512.0 1
+      512.0 1
+      1024.0 1
+      >>> [round(x, 4) for x in params["w"].tolist()]
+      [0.7016, -1.7006]
+    """
+    _validate(inner, initial_scale, dynamic_growth_steps, min_scale, max_scale, axis_name)
+    inner_tx = optax.with_extra_args_support(inner)
+    growth = int(dynamic_growth_steps)
+    scale0 = float(initial_scale)
+
+    def init_fn(params: optax.Params) -> LossScaleState:
+        return LossScaleState(
+            scale=jnp.asarray(scale0, jnp.float32),
+            step_counter=jnp.zeros([], jnp.int32),
+            skipped_steps=jnp.zeros([], jnp.int32),
+            inner_state=inner_tx.init(params),
+        )
+
+    def next_scalars(finite: jax.Array, state: LossScaleState) -> tuple[jax.Array, jax.Array, jax.Array]:
+        grow = state.step_counter == growth - 1
+        up = state.scale * jnp.float32(2.0)
+        if max_scale is not None:
+            up = jnp.minimum(up, jnp.float32(max_scale))
+        down = state.scale * jnp.float32(0.5)
+        if min_scale is not None:
+            down = jnp.maximum(down, jnp.float32(min_scale))
+        scale = jnp.where(finite, jnp.where(grow, up, state.scale), down)
+        counter = jnp.where(finite & ~grow, state.step_counter + 1, jnp.zeros_like(state.step_counter))
+        skipped = jnp.where(finite, state.skipped_steps, optax.safe_int32_increment(state.skipped_steps))
+        return scale, counter, skipped
+
+    def same_types(new: Any, old: Any) -> Any:
+        # lax.cond needs both branches to return the same types; keep the input's.
+        return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, old)
+
+    def update_fn(
+        grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, LossScaleState]:
+        finite = all_finite(grads, axis_name)
+        inner_in = jax.tree.map(jnp.asarray, state.inner_state)
+
+        def apply_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            unscaled = jax.tree.map(lambda g: _unscale(g, state.scale), grads)
+            updates, new_inner = inner_tx.update(unscaled, inner_state, params, **extra)
+            return same_types(updates, grads), same_types(new_inner, inner_state)
+
+        def skip_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            return jax.tree.map(jnp.zeros_like, grads), inner_state
+
+        updates, new_inner = jax.lax.cond(finite, apply_branch, skip_branch, grads, inner_in, params)
+        scale, counter, skipped = next_scalars(finite, state)
+        return updates, LossScaleState(scale, counter, skipped, new_inner)
+
+    def apply_gradients(grads: optax.Updates, state: LossScaleState, params: optax.Params) -> tuple[Any, Any]:
+        fused_or_plain = fused.apply_gradients
+
+        finite = all_finite(grads, axis_name)
+        inner_in = jax.tree.map(jnp.asarray, state.inner_state)
+
+        def apply_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            unscaled = jax.tree.map(lambda g: _unscale(g, state.scale), grads)
+            if hasattr(inner, "apply_gradients"):
+                new_params, new_inner = inner.apply_gradients(unscaled, inner_state, params)
+            else:
+                new_params, new_inner = fused_or_plain(inner_tx, unscaled, inner_state, params)
+            return same_types(new_params, params), same_types(new_inner, inner_state)
+
+        def skip_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            return params, inner_state
+
+        new_params, new_inner = jax.lax.cond(finite, apply_branch, skip_branch, grads, inner_in, params)
+        scale, counter, skipped = next_scalars(finite, state)
+        return new_params, LossScaleState(scale, counter, skipped, new_inner)
+
+    opt = LossScaleOptimizer(init_fn, update_fn)
+    opt.hyperparams = dict(
+        inner=inner,
+        initial_scale=scale0,
+        dynamic_growth_steps=growth,
+        min_scale=None if min_scale is None else float(min_scale),
+        max_scale=None if max_scale is None else float(max_scale),
+        axis_name=axis_name,
+        name=name,
+    )
+    opt._apply_gradients = apply_gradients
+    return opt
+
+
+def loss_scale(state: Any) -> jax.Array:
+    """The current loss scale (float32 scalar): multiply the loss by it before ``jax.grad``.
+
+    ``state`` is the :class:`LossScaleState`, or any optimizer state that holds exactly
+    one (an ``optax.chain`` state, a Flax ``TrainState.opt_state``, an ``nnx.Optimizer``'s
+    ``opt_state``).
+
+    Example:
+      >>> import jax.numpy as jnp, adamx
+      >>> opt = adamx.loss_scale_optimizer(adamx.adam(), initial_scale=256.0)
+      >>> float(adamx.loss_scale(opt.init({"w": jnp.ones(2)})))
+      256.0
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, LossScaleState))
+        if isinstance(s, LossScaleState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"`state` must hold exactly one LossScaleState (from adamx.loss_scale_optimizer), found {len(found)}."
+        )
+    scale = found[0].scale
+    if not isinstance(scale, (jax.Array, np.ndarray)) and hasattr(scale, "get_value"):
+        scale = scale.get_value()  # an nnx Variable
+    return jnp.asarray(scale, jnp.float32)
+
+
+def loss_scale_to_keras_config(opt: LossScaleOptimizer, *, include_adamx: bool = False) -> dict[str, Any]:
+    """Keras's ``LossScaleOptimizer.get_config()`` dict for a :func:`loss_scale_optimizer`.
+
+    ``{'name', 'inner_optimizer': <serialized inner>, 'initial_scale',
+    'dynamic_growth_steps'}``, the inner written by :func:`adamx.to_keras_config` in the
+    form ``keras.saving.serialize_keras_object`` prints. The inner must be an
+    :func:`adamx.adam`/:func:`adamx.adamw`. ``min_scale``/``max_scale`` have no Keras
+    key: set, they raise ``ValueError`` unless ``include_adamx=True`` adds them.
+    """
+    hp = opt.hyperparams
+    inner = hp["inner"]
+    if not isinstance(inner, Adam):
+        raise ValueError(
+            f"`inner` is a {type(inner).__name__}: only an adamx.adam/adamw inner optimizer has a Keras config."
+        )
+    extra = {k: hp[k] for k in _ADAMX_KEYS if hp[k] is not None}
+    if extra and not include_adamx:
+        raise ValueError(
+            f"Keras's LossScaleOptimizer config has no key for {sorted(extra)}; pass include_adamx=True to add "
+            "them (Keras itself will then refuse the config)."
+        )
+    inner_cfg = inner.spec.keras_config(include_adamx=include_adamx)
+    out: dict[str, Any] = {
+        "name": hp["name"],
+        "inner_optimizer": {
+            "module": "keras.optimizers",
+            "class_name": "AdamW" if str(inner_cfg.get("name", "")).startswith("adam_w") else "Adam",
+            "config": inner_cfg,
+            "registered_name": None,
+        },
+        "initial_scale": hp["initial_scale"],
+        "dynamic_growth_steps": hp["dynamic_growth_steps"],
+    }
+    out.update(extra)
+    return out
