@@ -66,7 +66,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -305,7 +305,7 @@ def adam_step_8bit(
     beta_1: float = 0.9,
     beta_2: float = 0.999,
     epsilon: float = 1e-7,
-    weight_decay: Optional[float] = None,
+    weight_decay: float | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     m_code: Any = SIGNED_DYNAMIC_MAP,
     v_code: Any = UNSIGNED_DYNAMIC_MAP,

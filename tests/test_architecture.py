@@ -22,7 +22,15 @@ PKG = pathlib.Path(adamx.__file__).parent
 # earlier entries, listed in order). adamx/__init__.py, the public face, sits above all.
 LAYERS = [
     ["adamx._hyper", "adamx._tree", "adamx.schedules"],
-    ["adamx._flat", "adamx._clipping", "adamx._decay", "adamx._moments", "adamx._averaging", "adamx._tf1"],
+    [
+        "adamx._flat",
+        "adamx._clipping",
+        "adamx._decay",
+        "adamx._moments",
+        "adamx._averaging",
+        "adamx._tf1",
+        "adamx._quantize",
+    ],
     ["adamx._spec"],
     ["adamx._state"],
     ["adamx._step"],
