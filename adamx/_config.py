@@ -39,7 +39,9 @@ def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOpt
         if cls == "LossScaleOptimizer":
             return loss_scale_from_keras_config(config)
         if cls not in ("Adam", "AdamW"):
-            raise ValueError(f"from_keras_config builds Adam, AdamW and LossScaleOptimizer, got class_name={cls!r}.")
+            raise ValueError(
+                f"from_keras_config builds Adam and AdamW (and LossScaleOptimizer), got class_name={cls!r}."
+            )
         config = config["config"]
     if "inner_optimizer" in config:  # a keras.optimizers.LossScaleOptimizer config
         return loss_scale_from_keras_config(config)

@@ -256,7 +256,7 @@ def adam_leaf(
     Arithmetic runs in float32 (or wider, if the leaf is float64); moments are stored
     back in their own dtypes. ``direction`` is in the compute dtype.
     """
-    cd = _tree.compute_dtype(jnp.result_type(g, m, v))
+    cd = _tree.compute_dtype_of(g, m, v)
     gf = g.astype(cd)
     m2, v2 = update_moments(gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form)
     v_used = v2

@@ -153,7 +153,7 @@ def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, 
     """
     if g is None:
         return None, m, v, v_max
-    cd = _tree.compute_dtype(jnp.result_type(g, m, v))
+    cd = _tree.compute_dtype_of(g, m, v)
     m2, v2 = _moments.update_moments(
         g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=sc.c1, c2=sc.c2, form="kernel"
     )

@@ -113,6 +113,11 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def compute_dtype_of(*arrays: Any) -> jnp.dtype:
+    """The widest :func:`compute_dtype` of the arrays (no implicit promotion: strict-safe)."""
+    return max((compute_dtype(jnp.result_type(x)) for x in arrays), key=lambda d: d.itemsize)
+
+
 def rounded_sum(p: jax.Array, u: jax.Array, dtype: Any) -> jax.Array:
     """``optax.apply_updates(p, u)`` as the stored params will hold it, returned in ``dtype``.
 

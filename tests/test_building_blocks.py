@@ -66,6 +66,7 @@ def test_paper_form_matches_pytorch(name, tx):
             )
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_paper_form_equals_optax_adam():
     meta, data = _load("keras_defaults")
     keys = meta["param_keys"]
@@ -75,6 +76,7 @@ def test_paper_form_equals_optax_adam():
         chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_optax_amsgrad_is_a_different_variant():
     """optax.amsgrad takes the max over bias-corrected nu: a different trajectory (SEMANTICS.md 4)."""
     meta, data = _load("torch_amsgrad")
@@ -87,6 +89,7 @@ def test_optax_amsgrad_is_a_different_variant():
     assert ours_err < 1e-6 < 1e-4 < theirs_err
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_epsilon_story_hat_vs_optax():
     """Keras's epsilon-hat: optax with the same constant eps drifts; the step-dependent mapping does not."""
     meta, data = _load("keras_custom_hparams")  # eps 1e-4, beta_2 0.95: a visible difference

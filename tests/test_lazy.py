@@ -274,6 +274,7 @@ def test_weight_decay_only_on_touched_rows():
 # ---------------------------------------------------------------- dense leaves and other options
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_dense_leaves_get_keras_adam_and_paper_mode_gets_optax_adam():
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
@@ -311,6 +312,7 @@ def test_clipping_uses_the_summed_rows():
     np.testing.assert_allclose(np.asarray(sc.mu["w"]), np.asarray(sp.mu["w"]), rtol=1e-6)
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_learning_rate_schedule_sees_the_count():
     sched = optax.piecewise_constant_schedule(0.1, {1: 0.0})  # lr 0.1 on step 1, 0 afterwards
     opt = adamx.lazy_adam(sched)

@@ -143,7 +143,9 @@ OPTIONS = {
     "ema_overwrite": dict(use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=2),
     "accumulation": dict(gradient_accumulation_steps=3),
     "loss_scale": dict(loss_scale_factor=128.0),
-    "schedules": dict(learning_rate=optax.exponential_decay(0.01, 3, 0.5), weight_decay=lambda n: 0.01 / (1.0 + n)),
+    "schedules": dict(
+        learning_rate=optax.exponential_decay(0.01, 3, 0.5), weight_decay=lambda n: 0.01 / (1.0 + n.astype(jnp.float32))
+    ),
     "everything": dict(
         learning_rate=0.01,
         amsgrad=True,
@@ -199,6 +201,7 @@ def _full_size_instructions(hlo: str, dims: str) -> list[str]:
 
 
 @needs_kernel
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_clip_and_weight_decay_step_has_no_full_size_temporary():
     """Global clipnorm + weight decay: one read pass for the norm, one in-place update pass.
 
@@ -445,6 +448,7 @@ def test_kernel_builds_where_required():
     )
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_fallback_for_other_transformations():
     params = make_params()
     grads = make_grads(params, 0)

@@ -88,11 +88,14 @@ def apply_gradients(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[A
 
 def _apply_updates(params: Any, updates: Any) -> Any:
     """``optax.apply_updates`` where a ``None`` update (no gradient) leaves the param alone."""
-    if params is None:
-        return optax.apply_updates(params, updates)
-    return jax.tree.map(
-        lambda p, u: p if u is None else optax.apply_updates(p, u), params, updates, is_leaf=lambda x: x is None
-    )
+    # another transformation's updates may be wider than params (optax.apply_updates adds in the
+    # promoted dtype and rounds back): its semantics, also under strict dtype promotion
+    with jax.numpy_dtype_promotion("standard"):
+        if params is None:
+            return optax.apply_updates(params, updates)
+        return jax.tree.map(
+            lambda p, u: p if u is None else optax.apply_updates(p, u), params, updates, is_leaf=lambda x: x is None
+        )
 
 
 def train_state_apply_gradients(state: Any, grads: Any) -> Any:

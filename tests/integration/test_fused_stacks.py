@@ -71,6 +71,7 @@ def test_nnx_optimizer_fused(opt):
     assert_trees_close(optimizer.opt_state, ref_state, what="opt_state")
 
 
+@pytest.mark.standard_promotion("optax's own Adam/schedules compute float ** int32 count")
 def test_nnx_update_falls_back_for_other_transformations():
     """``nnx_update`` with a plain optax optimizer is ``optimizer.update``."""
     import optax
