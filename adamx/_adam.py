@@ -76,6 +76,18 @@ class Adam(optax.GradientTransformationExtraArgs):
         return fused.apply_gradients(self, grads, state, params)
 
 
+def _spec_of(args: dict[str, Any]) -> AdamSpec:
+    """The spec of a factory call, from its ``locals()``: the named arguments and ``**options``."""
+    args = dict(args)
+    opts: dict[str, Any] = dict(args.pop("options"))
+    # optax.inject_hyperparams binds the signature and passes the var-keyword part back as
+    # one argument named `options`: unfold it.
+    nested = opts.pop("options", None)
+    if isinstance(nested, dict):
+        opts = {**nested, **opts}
+    return AdamSpec.build(**args, **opts)
+
+
 def from_spec(spec: AdamSpec) -> Adam:
     """The optimizer a spec describes (``adamx.adam(**spec.hyperparams)`` without re-validating)."""
     return Adam(lambda params: _state.init(spec, params), _Update(spec))
@@ -181,34 +193,7 @@ def adam(
       >>> [round(float(x), 4) for x in optax.apply_updates(params, updates)["w"]]
       [0.9, -1.9]
     """
-    # optax.inject_hyperparams binds the signature and passes the var-keyword part back as
-    # one argument named `options`: unfold it.
-    opts: dict[str, Any] = dict(options)
-    nested = opts.pop("options", None)
-    if isinstance(nested, dict):
-        opts = {**nested, **opts}
-    return from_spec(
-        AdamSpec.build(
-            learning_rate=learning_rate,
-            beta_1=beta_1,
-            beta_2=beta_2,
-            epsilon=epsilon,
-            amsgrad=amsgrad,
-            weight_decay=weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            exclude_from_weight_decay=exclude_from_weight_decay,
-            weight_decay_mask=weight_decay_mask,
-            name=name,
-            **opts,
-        )
-    )
+    return from_spec(_spec_of(locals()))
 
 
 def adamw(
@@ -244,23 +229,4 @@ def adamw(
     """
     if weight_decay is None:
         raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
-    return adam(
-        learning_rate=learning_rate,
-        beta_1=beta_1,
-        beta_2=beta_2,
-        epsilon=epsilon,
-        amsgrad=amsgrad,
-        weight_decay=weight_decay,
-        clipnorm=clipnorm,
-        clipvalue=clipvalue,
-        global_clipnorm=global_clipnorm,
-        use_ema=use_ema,
-        ema_momentum=ema_momentum,
-        ema_overwrite_frequency=ema_overwrite_frequency,
-        loss_scale_factor=loss_scale_factor,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        exclude_from_weight_decay=exclude_from_weight_decay,
-        weight_decay_mask=weight_decay_mask,
-        name=name,
-        **options,
-    )
+    return from_spec(_spec_of(locals()))
