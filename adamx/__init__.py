@@ -22,6 +22,7 @@ from adamx._lazy import LazyAdamState as LazyAdamState
 from adamx._lazy import lazy_adam as lazy_adam
 from adamx._lazy import row_gradient as row_gradient
 from adamx._loss_scale import LossScaleOptimizer as LossScaleOptimizer
+from adamx._loss_scale import LossScaleSpec as LossScaleSpec
 from adamx._loss_scale import LossScaleState as LossScaleState
 from adamx._loss_scale import loss_scale as loss_scale
 from adamx._loss_scale import loss_scale_optimizer as loss_scale_optimizer
@@ -48,6 +49,7 @@ __all__ = [
     "LazyAdam",
     "LazyAdamState",
     "LossScaleOptimizer",
+    "LossScaleSpec",
     "LossScaleState",
     "ScaleByAdamState",
     "Tf1AdamState",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Hashable, Sequence
@@ -43,15 +44,55 @@ class LossScaleState(NamedTuple):
     inner_state: optax.OptState  # the wrapped transformation's state, untouched on skipped steps
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LossScaleSpec:
+    """The options of a :func:`loss_scale_optimizer` (validated when built)."""
+
+    inner: Any
+    initial_scale: float = 2.0**15
+    dynamic_growth_steps: int = 2000
+    min_scale: float | None = None
+    max_scale: float | None = None
+    axis_name: Any = None
+    name: str = "loss_scale_optimizer"
+
+
+class _Update:
+    """``update`` of a :class:`LossScaleOptimizer`; carries its spec."""
+
+    __name__ = "update"
+
+    def __init__(self, spec: LossScaleSpec) -> None:
+        self.spec = spec
+
+    def __call__(
+        self, grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, LossScaleState]:
+        inner_tx = optax.with_extra_args_support(self.spec.inner)
+
+        def inner_step(unscaled: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            return inner_tx.update(unscaled, inner_state, params, **extra)
+
+        def skipped(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            return jax.tree.map(jnp.zeros_like, grads), inner_state
+
+        return _scaled_step(self.spec, grads, state, params, inner_step, skipped, out_like=grads)
+
+
 class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
-    """An ``optax.GradientTransformationExtraArgs`` with ``apply_gradients`` and ``get_config``.
+    """An ``optax.GradientTransformationExtraArgs`` with ``spec``, ``apply_gradients`` and ``get_config``."""
 
-    ``hyperparams`` holds the arguments :func:`loss_scale_optimizer` was called with
-    (``inner`` is the wrapped transformation).
-    """
+    @property
+    def spec(self) -> LossScaleSpec:
+        """The options this loss scaler was built with."""
+        update: Any = self.update
+        spec: LossScaleSpec = update.spec
+        return spec
 
-    hyperparams: dict[str, Any]
-    _apply_gradients: Any
+    @property
+    def hyperparams(self) -> dict[str, Any]:
+        """The options as a dict keyed by argument name (``inner`` is the wrapped transformation)."""
+        return {f.name: getattr(self.spec, f.name) for f in dataclasses.fields(self.spec)}
 
     def apply_gradients(self, grads: optax.Updates, state: LossScaleState, params: optax.Params) -> tuple[Any, Any]:
         """``update`` then ``optax.apply_updates`` in one call: ``(new_params, new_state)``.
@@ -60,11 +101,68 @@ class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
         inner transformation's own ``apply_gradients`` where it has one (the fused CPU
         step of :func:`adamx.adam`). A skipped step returns ``params`` as they came.
         """
-        return self._apply_gradients(grads, state, params)
+        inner = self.spec.inner
+
+        def inner_step(unscaled: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            if hasattr(inner, "apply_gradients"):
+                return inner.apply_gradients(unscaled, inner_state, params)
+            return fused.apply_gradients(optax.with_extra_args_support(inner), unscaled, inner_state, params)
+
+        def skipped(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+            return params, inner_state
+
+        return _scaled_step(self.spec, grads, state, params, inner_step, skipped, out_like=params)
 
     def get_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
         """The dict Keras's ``LossScaleOptimizer.get_config()`` prints (see :func:`loss_scale_to_keras_config`)."""
         return loss_scale_to_keras_config(self, include_adamx=include_adamx)
+
+
+def _same_types(new: Any, old: Any) -> Any:
+    """``lax.cond`` needs both branches to return the same types: keep the input's."""
+    return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, old)
+
+
+def _next_scalars(
+    spec: LossScaleSpec, finite: jax.Array, state: LossScaleState
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The scale, growth counter and skip count after a step (Keras's rule, optional bounds)."""
+    grow = state.step_counter == spec.dynamic_growth_steps - 1
+    up = state.scale * jnp.float32(2.0)
+    if spec.max_scale is not None:
+        up = jnp.minimum(up, jnp.float32(spec.max_scale))
+    down = state.scale * jnp.float32(0.5)
+    if spec.min_scale is not None:
+        down = jnp.maximum(down, jnp.float32(spec.min_scale))
+    scale = jnp.where(finite, jnp.where(grow, up, state.scale), down)
+    counter = jnp.where(finite & ~grow, state.step_counter + 1, jnp.zeros_like(state.step_counter))
+    skipped = jnp.where(finite, state.skipped_steps, optax.safe_int32_increment(state.skipped_steps))
+    return scale, counter, skipped
+
+
+def _scaled_step(
+    spec: LossScaleSpec,
+    grads: Any,
+    state: LossScaleState,
+    params: Any,
+    inner_step: Any,
+    skipped: Any,
+    *,
+    out_like: Any,
+) -> tuple[Any, LossScaleState]:
+    """One step: ``inner_step(grads / scale, ...)`` if every gradient is finite, else
+    ``skipped(...)``; then the scale update. ``out_like``: the first output's types."""
+    finite = all_finite(grads, spec.axis_name)
+    inner_in = jax.tree.map(jnp.asarray, state.inner_state)
+
+    def apply_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+        unscaled = jax.tree.map(lambda g: _unscale(g, state.scale), grads)
+        out, new_inner = inner_step(unscaled, inner_state, params)
+        return _same_types(out, out_like), _same_types(new_inner, inner_state)
+
+    out, new_inner = jax.lax.cond(finite, apply_branch, skipped, grads, inner_in, params)
+    scale, counter, n_skipped = _next_scalars(spec, finite, state)
+    return out, LossScaleState(scale, counter, n_skipped, new_inner)
 
 
 def _check_scale(name: str, value: Any) -> float:
@@ -201,86 +299,26 @@ def loss_scale_optimizer(
       [0.7016, -1.7006]
     """
     _validate(inner, initial_scale, dynamic_growth_steps, min_scale, max_scale, axis_name)
-    inner_tx = optax.with_extra_args_support(inner)
-    growth = int(dynamic_growth_steps)
-    scale0 = float(initial_scale)
-
-    def init_fn(params: optax.Params) -> LossScaleState:
-        return LossScaleState(
-            scale=jnp.asarray(scale0, jnp.float32),
-            step_counter=jnp.zeros([], jnp.int32),
-            skipped_steps=jnp.zeros([], jnp.int32),
-            inner_state=inner_tx.init(params),
-        )
-
-    def next_scalars(finite: jax.Array, state: LossScaleState) -> tuple[jax.Array, jax.Array, jax.Array]:
-        grow = state.step_counter == growth - 1
-        up = state.scale * jnp.float32(2.0)
-        if max_scale is not None:
-            up = jnp.minimum(up, jnp.float32(max_scale))
-        down = state.scale * jnp.float32(0.5)
-        if min_scale is not None:
-            down = jnp.maximum(down, jnp.float32(min_scale))
-        scale = jnp.where(finite, jnp.where(grow, up, state.scale), down)
-        counter = jnp.where(finite & ~grow, state.step_counter + 1, jnp.zeros_like(state.step_counter))
-        skipped = jnp.where(finite, state.skipped_steps, optax.safe_int32_increment(state.skipped_steps))
-        return scale, counter, skipped
-
-    def same_types(new: Any, old: Any) -> Any:
-        # lax.cond needs both branches to return the same types; keep the input's.
-        return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, old)
-
-    def update_fn(
-        grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Any
-    ) -> tuple[optax.Updates, LossScaleState]:
-        finite = all_finite(grads, axis_name)
-        inner_in = jax.tree.map(jnp.asarray, state.inner_state)
-
-        def apply_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-            unscaled = jax.tree.map(lambda g: _unscale(g, state.scale), grads)
-            updates, new_inner = inner_tx.update(unscaled, inner_state, params, **extra)
-            return same_types(updates, grads), same_types(new_inner, inner_state)
-
-        def skip_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-            return jax.tree.map(jnp.zeros_like, grads), inner_state
-
-        updates, new_inner = jax.lax.cond(finite, apply_branch, skip_branch, grads, inner_in, params)
-        scale, counter, skipped = next_scalars(finite, state)
-        return updates, LossScaleState(scale, counter, skipped, new_inner)
-
-    def apply_gradients(grads: optax.Updates, state: LossScaleState, params: optax.Params) -> tuple[Any, Any]:
-        fused_or_plain = fused.apply_gradients
-
-        finite = all_finite(grads, axis_name)
-        inner_in = jax.tree.map(jnp.asarray, state.inner_state)
-
-        def apply_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-            unscaled = jax.tree.map(lambda g: _unscale(g, state.scale), grads)
-            if hasattr(inner, "apply_gradients"):
-                new_params, new_inner = inner.apply_gradients(unscaled, inner_state, params)
-            else:
-                new_params, new_inner = fused_or_plain(inner_tx, unscaled, inner_state, params)
-            return same_types(new_params, params), same_types(new_inner, inner_state)
-
-        def skip_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-            return params, inner_state
-
-        new_params, new_inner = jax.lax.cond(finite, apply_branch, skip_branch, grads, inner_in, params)
-        scale, counter, skipped = next_scalars(finite, state)
-        return new_params, LossScaleState(scale, counter, skipped, new_inner)
-
-    opt = LossScaleOptimizer(init_fn, update_fn)
-    opt.hyperparams = dict(
+    spec = LossScaleSpec(
         inner=inner,
-        initial_scale=scale0,
-        dynamic_growth_steps=growth,
+        initial_scale=float(initial_scale),
+        dynamic_growth_steps=int(dynamic_growth_steps),
         min_scale=None if min_scale is None else float(min_scale),
         max_scale=None if max_scale is None else float(max_scale),
         axis_name=axis_name,
         name=name,
     )
-    opt._apply_gradients = apply_gradients
-    return opt
+    inner_tx = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> LossScaleState:
+        return LossScaleState(
+            scale=jnp.asarray(spec.initial_scale, jnp.float32),
+            step_counter=jnp.zeros([], jnp.int32),
+            skipped_steps=jnp.zeros([], jnp.int32),
+            inner_state=inner_tx.init(params),
+        )
+
+    return LossScaleOptimizer(init_fn, _Update(spec))
 
 
 def loss_scale(state: Any) -> jax.Array:
