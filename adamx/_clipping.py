@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,6 +40,38 @@ def global_clip_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     as in Keras and ``optax.clip_by_global_norm``.
     """
     return max_norm * jnp.minimum(1.0 / norm, 1.0 / max_norm) + (norm - norm)
+
+
+def clip_mode_of(clipnorm: Any, global_clipnorm: Any, clipvalue: Any) -> tuple[str, Any]:
+    """``(mode, threshold)`` of Keras's three clip arguments (at most one is set):
+    ``"norm"`` (per tensor), ``"global_norm"``, ``"value"``, or ``("none", None)``."""
+    for mode, c in (("norm", clipnorm), ("global_norm", global_clipnorm), ("value", clipvalue)):
+        if c is not None:
+            return mode, c
+    return "none", None
+
+
+def clip_units(
+    mode: str,
+    threshold: Any,
+    g_u: list[Any],
+    split: Callable[[list[Any]], list[Any]] | None = None,
+    join: Callable[[list[Any]], list[Any]] | None = None,
+) -> list[Any]:
+    """Keras clipping of a list of arrays (``None`` entries stay ``None``). ``"norm"`` is per
+    parameter tensor: when the arrays hold several tensors each (flat buffers), ``split``
+    cuts them into tensors and ``join`` puts the clipped tensors back."""
+    if mode == "none":
+        return g_u
+    c = jnp.asarray(threshold, jnp.float32)
+    if mode == "norm":
+        per_leaf = g_u if split is None else split(g_u)
+        out = [None if g is None else clip_leaf_by_norm(g, c) for g in per_leaf]
+        return out if join is None else join(out)
+    if mode == "global_norm":
+        scale = global_clip_scale(global_norm(g_u), c)
+        return [None if g is None else g * scale.astype(g.dtype) for g in g_u]
+    return [None if g is None else clip_leaf_by_value(g, c) for g in g_u]
 
 
 def clip_by_norm(max_norm: float) -> optax.GradientTransformation:

@@ -32,14 +32,28 @@ class LazyAdamState(NamedTuple):
     nu: optax.Updates  # second moment, like params, float32 at least
 
 
+class _Update:
+    """``update`` of a :class:`LazyAdam`: carries its options and the shared step."""
+
+    __name__ = "update"
+
+    def __init__(self, hyperparams: dict[str, Any], step: Callable[..., tuple[Any, Any]]) -> None:
+        self.hyperparams = dict(hyperparams)
+        self.step = step
+
+    def __call__(self, grads: Any, state: LazyAdamState, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        del extra
+        return self.step(grads, state, params, apply=False)
+
+
 class LazyAdam(optax.GradientTransformationExtraArgs):
-    """An ``optax.GradientTransformationExtraArgs`` with an in-place ``apply_gradients``.
+    """An ``optax.GradientTransformationExtraArgs`` with an in-place ``apply_gradients``."""
 
-    ``hyperparams`` holds the arguments :func:`lazy_adam` was called with.
-    """
-
-    hyperparams: dict[str, Any]
-    _apply: Callable[[Any, Any, Any], tuple[Any, Any]]
+    @property
+    def hyperparams(self) -> dict[str, Any]:
+        """The arguments :func:`lazy_adam` was called with (a copy)."""
+        update: Any = self.update
+        return dict(update.hyperparams)
 
     def apply_gradients(self, grads: optax.Updates, state: LazyAdamState, params: optax.Params) -> tuple[Any, Any]:
         """``(new_params, new_state)``: the same numbers as ``update`` + ``optax.apply_updates``.
@@ -54,7 +68,8 @@ class LazyAdam(optax.GradientTransformationExtraArgs):
         order; donating ``(state, params)`` pairs the table's output with ``mu``'s buffer
         and XLA copies every table.
         """
-        return self._apply(grads, state, params)
+        update: Any = self.update
+        return update.step(grads, state, params, apply=True)
 
 
 def row_gradient(indices: Any, row_grads: Any, num_rows: int) -> jsparse.BCOO:
@@ -307,18 +322,7 @@ def lazy_adam(
             u = u - (p.astype(cd) * wd.astype(cd)) * lr.astype(cd)
         return u.astype(p.dtype), m2.astype(m.dtype), v2.astype(v.dtype)
 
-    def clip(gs: list[Any]) -> list[Any]:
-        if clipnorm is not None:
-            c = jnp.asarray(clipnorm, jnp.float32)
-            return [None if g is None else _clipping.clip_leaf_by_norm(g, c) for g in gs]
-        if global_clipnorm is not None:
-            c = jnp.asarray(global_clipnorm, jnp.float32)
-            scale = _clipping.global_clip_scale(_clipping.global_norm(gs), c)
-            return [None if g is None else g * scale.astype(g.dtype) for g in gs]
-        if clipvalue is not None:
-            c = jnp.asarray(clipvalue, jnp.float32)
-            return [None if g is None else _clipping.clip_leaf_by_value(g, c) for g in gs]
-        return gs
+    clip_mode, clip_threshold = _clipping.clip_mode_of(clipnorm, global_clipnorm, clipvalue)
 
     def step(grads: Any, state: LazyAdamState, params: Any, apply: bool) -> tuple[Any, LazyAdamState]:
         """Shared by ``update`` (``apply=False``: returns updates) and ``apply_gradients``."""
@@ -359,7 +363,7 @@ def lazy_adam(
                 gs.append(jnp.asarray(g).astype(cd))
             else:
                 raise ValueError(f"grads do not match params at '{path}': grads has {type(g).__name__}")
-        gs = clip(gs)
+        gs = _clipping.clip_units(clip_mode, clip_threshold, gs)
 
         # 2. Adam on the touched rows (gather, update, scatter) or on the whole leaf
         out_l, mu_n, nu_n = [], [], []
@@ -386,14 +390,7 @@ def lazy_adam(
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         return unflat(out_l), LazyAdamState(count=optax.safe_increment(n), mu=unflat(mu_n), nu=unflat(nu_n))
 
-    def update_fn(grads: Any, state: LazyAdamState, params: Any = None, **extra: Any) -> tuple[Any, LazyAdamState]:
-        del extra
-        return step(grads, state, params, apply=False)
-
-    opt = LazyAdam(init_fn, update_fn)
-    opt._apply = lambda grads, state, params: step(grads, state, params, apply=True)
-    opt.hyperparams = hp
-    return opt
+    return LazyAdam(init_fn, _Update(hp, step))
 
 
 def _zeros_state(params: Any) -> Any:

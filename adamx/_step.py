@@ -131,18 +131,7 @@ def clip(
 ) -> list[Any]:
     """Keras clipping of the units. ``clipnorm`` is per parameter tensor: for flat
     units ``split`` cuts them into leaves and ``join`` puts the clipped leaves back."""
-    mode = spec.clip_mode
-    if mode == "none":
-        return g_u
-    c = _f32(spec.clip_threshold)
-    if mode == "norm":
-        per_leaf = g_u if split is None else split(g_u)
-        out = [None if g is None else _clipping.clip_leaf_by_norm(g, c) for g in per_leaf]
-        return out if join is None else join(out)
-    if mode == "global_norm":
-        scale = _clipping.global_clip_scale(_clipping.global_norm(g_u), c)
-        return [None if g is None else g * scale.astype(g.dtype) for g in g_u]
-    return [None if g is None else _clipping.clip_leaf_by_value(g, c) for g in g_u]
+    return _clipping.clip_units(spec.clip_mode, spec.clip_threshold, g_u, split, join)
 
 
 def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
