@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import optax
 
-from adamx import _decay, _hyper, _state, _step, fused
+from adamx import _checks, _decay, _hyper, _state, _step, fused
 from adamx._spec import AdamOptions, AdamSpec
 from adamx._state import AdamState
 
@@ -35,6 +35,7 @@ class _Update:
     ) -> tuple[optax.Updates, AdamState]:
         del extra
         spec = self.spec
+        _checks.check_state(spec, state, params)
         if spec.flat_state:
             if params is None:
                 raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
@@ -90,7 +91,12 @@ def _spec_of(args: dict[str, Any]) -> AdamSpec:
 
 def from_spec(spec: AdamSpec) -> Adam:
     """The optimizer a spec describes (``adamx.adam(**spec.hyperparams)`` without re-validating)."""
-    return Adam(lambda params: _state.init(spec, params), _Update(spec))
+
+    def init(params: optax.Params) -> AdamState:
+        _checks.check_params(spec, params)
+        return _state.init(spec, params)
+
+    return Adam(init, _Update(spec))
 
 
 def adam(

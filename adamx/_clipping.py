@@ -11,6 +11,11 @@ import optax
 from adamx import _hyper, _tree
 
 
+def _abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|^2`` elementwise: ``x * x`` for real ``x`` (the same ops as before), real for complex."""
+    return (jnp.conj(x) * x).real if jnp.iscomplexobj(x) else x * x
+
+
 def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
     """Keras ``clipnorm`` on one tensor: ``g * c / max(||g||_2, c)`` (norm over all axes).
 
@@ -18,7 +23,9 @@ def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
     always bit-exactly ``g``).
     """
     gf = g.astype(_tree.compute_dtype(g.dtype))
-    norm = jnp.sqrt(jnp.sum(gf * gf))
+    norm = jnp.sqrt(jnp.sum(_abs_sq(gf)))
+    if jnp.iscomplexobj(gf):
+        return (gf * (max_norm / jnp.maximum(norm, max_norm)).astype(gf.dtype)).astype(g.dtype)
     return ((gf * max_norm) / jnp.maximum(norm, max_norm)).astype(g.dtype)
 
 
@@ -28,7 +35,7 @@ def global_norm(leaves: list[Any]) -> jax.Array:
     for g in leaves:
         if g is not None:
             gf = g.astype(_tree.compute_dtype(g.dtype))
-            total = total + jnp.sum(gf * gf).astype(total.dtype)
+            total = total + jnp.sum(_abs_sq(gf)).astype(total.dtype)
     return jnp.sqrt(total)
 
 
