@@ -152,6 +152,16 @@ def adam(
        bias correction, as in Keras and TF. optax's ``eps`` (default ``1e-8``) is added
        to the bias-corrected ``sqrt(v_hat)``; no constant optax ``eps`` reproduces this.
 
+    Params leaves: float16, bfloat16, float32, float64 (x64), Python/NumPy scalars, and complex
+    leaves, which follow optax's convention (complex ``m``, real ``v`` of ``|g|^2 =
+    (conj(g) * g).real``; ``clipvalue`` and a ``mu_dtype`` are refused for them). Integer and
+    bool leaves (e.g. step counters kept in params) are left alone: their gradient (also
+    ``float0`` from ``jax.grad(..., allow_int=True)``) is ignored and their update is zeros.
+    A ``None`` gradient leaves its leaf and moments alone; with ``params`` given its update
+    is zeros in the params' dtype, so ``optax.apply_updates`` takes it. A state built for
+    other params, other options or another optimizer is refused with a ``ValueError``
+    naming the state field (docs/reliability.md).
+
     Non-finite gradients propagate (NaN in, NaN out) as in Keras; with
     ``global_clipnorm`` one non-finite gradient makes every update NaN. To skip such
     steps wrap the optimizer in ``optax.apply_if_finite``.

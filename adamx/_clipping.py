@@ -25,8 +25,10 @@ def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
     gf = g.astype(_tree.compute_dtype(g.dtype))
     norm = jnp.sqrt(jnp.sum(_abs_sq(gf)))
     if jnp.iscomplexobj(gf):
-        return (gf * (max_norm / jnp.maximum(norm, max_norm)).astype(gf.dtype)).astype(g.dtype)
-    return ((gf * max_norm) / jnp.maximum(norm, max_norm)).astype(g.dtype)
+        c = max_norm.astype(norm.dtype)
+        return (gf * (c / jnp.maximum(norm, c)).astype(gf.dtype)).astype(g.dtype)
+    c = max_norm.astype(gf.dtype)  # float64 leaves (x64): the float32 threshold, cast explicitly
+    return ((gf * c) / jnp.maximum(norm.astype(gf.dtype), c)).astype(g.dtype)
 
 
 def global_norm(leaves: list[Any]) -> jax.Array:

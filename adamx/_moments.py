@@ -232,7 +232,7 @@ def adam_scalars(
     c1 = _hyper.one_minus(b1, b1_now, dt, keras_rounding=keras_rounding)
     c2 = _hyper.one_minus(b2, b2_now, dt, keras_rounding=keras_rounding)
     if powers is None:
-        tt = (count + 1 if t is None else t).astype(dt)
+        tt = count.astype(dt) + 1 if t is None else t.astype(dt)  # count + 1 would wrap at int32 max
         b1p, b2p = jnp.power(b1_now, tt), jnp.power(b2_now, tt)
     else:
         b1p, b2p = powers
@@ -270,6 +270,8 @@ def adam_leaf(
         return _complex_leaf(g, m, v, v_max, sc, form=form, mode=mode)
     cd = _tree.compute_dtype_of(g, m, v)
     gf = g.astype(cd)
+    if cd != jnp.dtype(jnp.float32):  # float64 leaves (x64): the float32 scalars, cast explicitly
+        sc = AdamScalars(*(x.astype(cd) for x in sc))
     m2, v2 = update_moments(gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form)
     v_used = v2
     vm2 = None

@@ -157,14 +157,15 @@ def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, 
     if jnp.iscomplexobj(m):
         return complex_moments(sc, g, m, v, v_max)
     cd = _tree.compute_dtype_of(g, m, v)
+    c = lambda x: x.astype(cd)  # noqa: E731  (float32 scalars; float64 under x64 for float64 leaves)
     m2, v2 = _moments.update_moments(
-        g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=sc.c1, c2=sc.c2, form="kernel"
+        g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=c(sc.c1), c2=c(sc.c2), form="kernel"
     )
     v_used, vm2 = v2, None
     if v_max is not None:
         v_used = jnp.maximum(v_max.astype(cd), v2)
         vm2 = v_used.astype(v_max.dtype)
-    d = _moments.direction_hat(m2, v_used, alpha=sc.alpha, eps=sc.eps)
+    d = _moments.direction_hat(m2, v_used, alpha=c(sc.alpha), eps=c(sc.eps))
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 
