@@ -97,9 +97,12 @@ def test_readme_inject_hyperparams_does_not_retrace():
     step = jax.jit(update)
     u1, state = step({"w": jnp.ones(3)}, state, params)
     for lr in (5e-4, 1e-4):
-        state.hyperparams["learning_rate"] = jnp.asarray(lr)  # no retrace, no recompile
+        state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)  # as in the README: no retrace
         u, state = step({"w": jnp.ones(3)}, state, params)
     assert len(traces) == 1
+    state.hyperparams["learning_rate"] = jnp.asarray(1e-4)  # weakly typed: a new input type, one retrace
+    step({"w": jnp.ones(3)}, state, params)
+    assert len(traces) == 2
     assert float(jnp.abs(u["w"][0])) < float(jnp.abs(u1["w"][0]))  # the new learning rate is used
 
 
@@ -120,7 +123,7 @@ def test_moment_dtypes_are_checked_at_construction(arg, value, match):
 def test_integer_leaves_are_left_alone_and_documented():
     params = {"w": jnp.ones(2), "step": jnp.asarray(5, jnp.int32)}
     opt = adamx.adam(0.1)
-    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2) * p["step"], allow_int=True)(params)
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2) * p["step"].astype(jnp.float32), allow_int=True)(params)
     assert grads["step"].dtype == jax.dtypes.float0
     u, s = opt.update(grads, opt.init(params), params)
     new = optax.apply_updates(params, u)
