@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import optax
 
-from adamx import _decay, _hyper, _state, _step, fused
+from adamx import _checks, _decay, _hyper, _state, _step, fused
 from adamx._spec import AdamOptions, AdamSpec
 from adamx._state import AdamState
 
@@ -35,6 +35,7 @@ class _Update:
     ) -> tuple[optax.Updates, AdamState]:
         del extra
         spec = self.spec
+        _checks.check_state(spec, state, params)
         if spec.flat_state:
             if params is None:
                 raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
@@ -90,7 +91,12 @@ def _spec_of(args: dict[str, Any]) -> AdamSpec:
 
 def from_spec(spec: AdamSpec) -> Adam:
     """The optimizer a spec describes (``adamx.adam(**spec.hyperparams)`` without re-validating)."""
-    return Adam(lambda params: _state.init(spec, params), _Update(spec))
+
+    def init(params: optax.Params) -> AdamState:
+        _checks.check_params(spec, params)
+        return _state.init(spec, params)
+
+    return Adam(init, _Update(spec))
 
 
 def adam(
@@ -145,6 +151,16 @@ def adam(
        ``epsilon`` is "epsilon hat" (default ``1e-7``), added to ``sqrt(v)`` without
        bias correction, as in Keras and TF. optax's ``eps`` (default ``1e-8``) is added
        to the bias-corrected ``sqrt(v_hat)``; no constant optax ``eps`` reproduces this.
+
+    Params leaves: float16, bfloat16, float32, float64 (x64), Python/NumPy scalars, and complex
+    leaves, which follow optax's convention (complex ``m``, real ``v`` of ``|g|^2 =
+    (conj(g) * g).real``; ``clipvalue`` and a ``mu_dtype`` are refused for them). Integer and
+    bool leaves (e.g. step counters kept in params) are left alone: their gradient (also
+    ``float0`` from ``jax.grad(..., allow_int=True)``) is ignored and their update is zeros.
+    A ``None`` gradient leaves its leaf and moments alone; with ``params`` given its update
+    is zeros in the params' dtype, so ``optax.apply_updates`` takes it. A state built for
+    other params, other options or another optimizer is refused with a ``ValueError``
+    naming the state field (docs/reliability.md).
 
     Non-finite gradients propagate (NaN in, NaN out) as in Keras; with
     ``global_clipnorm`` one non-finite gradient makes every update NaN. To skip such

@@ -29,7 +29,8 @@ def ema_scalars(
     """``(mom, 1 - mom, overwrite or None)`` for the EMA after ``count`` calls (see :func:`ema_step`)."""
     it = count if accumulation_steps is None else count // accumulation_steps
     mom = jnp.where(it != 0, jnp.asarray(momentum, jnp.float32), 0.0)
-    overwrite = None if overwrite_frequency is None else (it + 1) % overwrite_frequency == 0
+    # it % f == f - 1 is (it + 1) % f == 0 without wrapping at the saturated count
+    overwrite = None if overwrite_frequency is None else it % overwrite_frequency == overwrite_frequency - 1
     return mom, 1 - mom, overwrite
 
 

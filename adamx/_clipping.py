@@ -12,6 +12,11 @@ import optax
 from adamx import _hyper, _tree
 
 
+def _abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|^2`` elementwise: ``x * x`` for real ``x`` (the same ops as before), real for complex."""
+    return (jnp.conj(x) * x).real if jnp.iscomplexobj(x) else x * x
+
+
 def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
     """Keras ``clipnorm`` on one tensor: ``g * c / max(||g||_2, c)`` (norm over all axes).
 
@@ -19,8 +24,12 @@ def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
     always bit-exactly ``g``).
     """
     gf = g.astype(_tree.compute_dtype(g.dtype))
-    norm = jnp.sqrt(jnp.sum(gf * gf))
-    return ((gf * max_norm) / jnp.maximum(norm, max_norm)).astype(g.dtype)
+    norm = jnp.sqrt(jnp.sum(_abs_sq(gf)))
+    if jnp.iscomplexobj(gf):
+        c = max_norm.astype(norm.dtype)
+        return (gf * (c / jnp.maximum(norm, c)).astype(gf.dtype)).astype(g.dtype)
+    c = max_norm.astype(gf.dtype)  # float64 leaves (x64): the float32 threshold, cast explicitly
+    return ((gf * c) / jnp.maximum(norm.astype(gf.dtype), c)).astype(g.dtype)
 
 
 def global_norm(leaves: list[Any]) -> jax.Array:
@@ -29,7 +38,7 @@ def global_norm(leaves: list[Any]) -> jax.Array:
     for g in leaves:
         if g is not None:
             gf = g.astype(_tree.compute_dtype(g.dtype))
-            total = total + jnp.sum(gf * gf).astype(total.dtype)
+            total = total + jnp.sum(_abs_sq(gf)).astype(total.dtype)
     return jnp.sqrt(total)
 
 

@@ -10,6 +10,46 @@ from adamx._spec import ADAMX_KEYS, KERAS3_KEYS
 
 # Keys only older tf.keras (TF 2.x) printed: accepted, and what they mean.
 LEGACY_KEYS = ("decay", "jit_compile", "is_legacy_optimizer", "lr")
+# Default `name`s of Keras's other optimizers (Keras 3 and tf.keras), lower-cased, -> class name.
+OTHER_OPTIMIZERS = {
+    n.lower().replace("_", ""): n
+    for n in (
+        "Nadam",
+        "Adamax",
+        "Lion",
+        "Lamb",
+        "Adafactor",
+        "Adagrad",
+        "Adadelta",
+        "RMSprop",
+        "SGD",
+        "Ftrl",
+        "Muon",
+        "LossScaleOptimizer",
+    )
+}
+
+
+def _check_is_adam(config: dict[str, Any]) -> None:
+    """Refuse configs of Keras's other optimizers (several have Adam's keys), naming the one it got.
+
+    Every Keras Adam/AdamW config (Keras 3 and tf.keras) has ``amsgrad``; Nadam, Adamax and Lamb
+    have ``beta_1``, ``beta_2``, ``epsilon`` but no ``amsgrad``, Lion not even ``epsilon``.
+    """
+    if "amsgrad" in config:
+        return
+    name = str(config.get("name", "")).lower().replace("_", "")
+    if name in OTHER_OPTIMIZERS:
+        raise ValueError(
+            f"from_keras_config builds Adam and AdamW, got a config of {OTHER_OPTIMIZERS[name]} "
+            f"(name={config.get('name')!r}, no `amsgrad` key)."
+        )
+    if all(k in config for k in KERAS3_KEYS[2:11]):  # a complete Keras 3 config, yet no `amsgrad`
+        guess = "Nadam, Adamax or Lamb" if "epsilon" in config else "Lion"
+        raise ValueError(
+            f"from_keras_config builds Adam and AdamW, got a Keras 3 config without `amsgrad` (name="
+            f"{config.get('name')!r}): its keys are those of {guess}, not Adam's."
+        )
 
 
 def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOptimizer:
@@ -45,6 +85,7 @@ def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOpt
         config = config["config"]
     if "inner_optimizer" in config:  # a keras.optimizers.LossScaleOptimizer config
         return loss_scale_from_keras_config(config)
+    _check_is_adam(config)
     known = set(KERAS3_KEYS) | set(LEGACY_KEYS) | set(ADAMX_KEYS)
     unknown = sorted(set(config) - known)
     if unknown:

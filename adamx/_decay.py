@@ -53,7 +53,11 @@ def decay_mask_leaves(
 def check_exclude(exclude_from_weight_decay: Any) -> None:
     if exclude_from_weight_decay is None:
         return
-    if isinstance(exclude_from_weight_decay, str) or not all(isinstance(p, str) for p in exclude_from_weight_decay):
+    if (
+        isinstance(exclude_from_weight_decay, str)
+        or not isinstance(exclude_from_weight_decay, (list, tuple, set, frozenset))
+        or not all(isinstance(p, str) for p in exclude_from_weight_decay)
+    ):
         raise TypeError(
             f"`exclude_from_weight_decay` must be a list of name patterns (strings), got {exclude_from_weight_decay!r}."
         )

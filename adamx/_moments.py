@@ -82,8 +82,18 @@ class ScaleByAdamState(NamedTuple):
     nu_max: optax.Updates | None  # AMSGrad: running max of raw nu; None without amsgrad
 
 
-def moment_buffers(params: Any, dtype: Any | None) -> Any:
-    return jax.tree.map(lambda p: _tree.zeros_like(p, _tree.state_dtype(p.dtype, dtype)), params)
+def moment_buffers(params: Any, dtype: Any | None, *, second: bool = False) -> Any:
+    """Zero moments like params. The second moment of a complex leaf is real (optax's convention)."""
+
+    def one(p: Any) -> jax.Array:
+        pdt = jnp.result_type(p)
+        if jnp.issubdtype(pdt, jnp.complexfloating):
+            if not second:
+                return _tree.zeros_like(p, _tree.compute_dtype(pdt))  # complex first moment
+            pdt = _tree.real_dtype(pdt)
+        return _tree.zeros_like(p, _tree.state_dtype(pdt, dtype))
+
+    return jax.tree.map(one, params)
 
 
 def scale_by_adam(
@@ -154,8 +164,8 @@ def scale_by_adam(
         return ScaleByAdamState(
             count=jnp.zeros([], jnp.int32),
             mu=moment_buffers(params, mu_dtype),
-            nu=moment_buffers(params, nu_dtype),
-            nu_max=moment_buffers(params, nu_dtype) if amsgrad else None,
+            nu=moment_buffers(params, nu_dtype, second=True),
+            nu_max=moment_buffers(params, nu_dtype, second=True) if amsgrad else None,
         )
 
     def update_fn(
@@ -222,7 +232,7 @@ def adam_scalars(
     c1 = _hyper.one_minus(b1, b1_now, dt, keras_rounding=keras_rounding)
     c2 = _hyper.one_minus(b2, b2_now, dt, keras_rounding=keras_rounding)
     if powers is None:
-        tt = (count + 1 if t is None else t).astype(dt)
+        tt = count.astype(dt) + 1 if t is None else t.astype(dt)  # count + 1 would wrap at int32 max
         b1p, b2p = jnp.power(b1_now, tt), jnp.power(b2_now, tt)
     else:
         b1p, b2p = powers
@@ -256,8 +266,12 @@ def adam_leaf(
     Arithmetic runs in float32 (or wider, if the leaf is float64); moments are stored
     back in their own dtypes. ``direction`` is in the compute dtype.
     """
+    if jnp.iscomplexobj(m):
+        return _complex_leaf(g, m, v, v_max, sc, form=form, mode=mode)
     cd = _tree.compute_dtype_of(g, m, v)
     gf = g.astype(cd)
+    if cd != jnp.dtype(jnp.float32):  # float64 leaves (x64): the float32 scalars, cast explicitly
+        sc = AdamScalars(*(x.astype(cd) for x in sc))
     m2, v2 = update_moments(gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form)
     v_used = v2
     vm2 = None
@@ -265,6 +279,40 @@ def adam_leaf(
         v_used = jnp.maximum(v_max.astype(cd), v2)
         vm2 = v_used.astype(v_max.dtype)
     d = direction(m2, v_used, alpha=sc.alpha, b1p=sc.b1p, b2p=sc.b2p, eps=sc.eps, eps_root=sc.eps_root, mode=mode)
+    return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
+
+
+def _complex_leaf(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array | None,
+    sc: AdamScalars,
+    *,
+    form: MomentForm,
+    mode: EpsilonMode,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """:func:`adam_leaf` for a complex leaf, optax's convention: complex first moment, real
+    second moment of ``|g|^2 = (conj(g) * g).real``."""
+    cd = _tree.compute_dtype(m.dtype)
+    rd = _tree.real_dtype(cd)
+    gc, m0, v0 = g.astype(cd), m.astype(cd), v.astype(rd)
+    g2 = (jnp.conj(gc) * gc).real
+    r = lambda x: x.astype(rd)  # noqa: E731
+    c = lambda x: x.astype(cd)  # noqa: E731
+    if form == "kernel":
+        m2, v2 = m0 + (gc - m0) * c(sc.c1), v0 + (g2 - v0) * r(sc.c2)
+    else:
+        m2, v2 = m0 * c(sc.b1) + gc * c(sc.c1), v0 * r(sc.b2) + g2 * r(sc.c2)
+    v_used, vm2 = v2, None
+    if v_max is not None:
+        v_used = jnp.maximum(v_max.astype(rd), v2)
+        vm2 = v_used.astype(v_max.dtype)
+    if mode == "hat":
+        d = (m2 * c(sc.alpha)) / c(jnp.sqrt(v_used) + r(sc.eps))
+    else:
+        m_hat, v_hat = m2 / c(1 - r(sc.b1p)), v_used / (1 - r(sc.b2p))
+        d = c(r(sc.alpha)) * (m_hat / c(jnp.sqrt(v_hat + r(sc.eps_root)) + r(sc.eps)))
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 

@@ -55,6 +55,30 @@ class AdamOptions(TypedDict, total=False):
     flat_state: bool
 
 
+def check_moment_dtype(name: str, dtype: Any) -> None:
+    """``dtype`` must be ``None`` or a floating dtype that can hold a moment (bfloat16, float32, float64;
+    float16 for the first moment only): a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if dtype is None:
+        return
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a dtype such as jnp.float32 or jnp.bfloat16, got {dtype!r}.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"`{name}` must be a floating dtype (bfloat16, float32, float64), got {dt.name}: the moments are "
+            "real numbers (complex params get complex first moments by themselves)."
+        )
+    if dt.itemsize < 2:
+        raise ValueError(f"`{name}={dt.name}` cannot hold Adam's moments: use bfloat16, float32 or float64.")
+    if dt == jnp.dtype(jnp.float16) and name == "nu_dtype":
+        raise ValueError(
+            "`nu_dtype=float16` cannot hold the second moment: g*g underflows to 0 in float16 for "
+            "|g| < 2.4e-4 (and overflows above 256), which turns Adam's step into lr*m/epsilon. "
+            "Use bfloat16 (same size, float32's range) or float32."
+        )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AdamSpec:
     """All options of :func:`adamx.adam`, validated at construction.
@@ -142,13 +166,17 @@ class AdamSpec:
                 jax.tree_util.tree_structure(wdm)  # must at least be a pytree
         if not isinstance(self.name, str):
             raise TypeError(f"`name` must be a str, got {self.name!r}.")
+        check_moment_dtype("mu_dtype", self.mu_dtype)
+        check_moment_dtype("nu_dtype", self.nu_dtype)
 
     # ------------------------------------------------------------------ derived values
     @property
     def window(self) -> Any:
         """The accumulation window ``k`` (``None`` without accumulation, also for ``k == 1``)."""
         k = self.gradient_accumulation_steps
-        if k is not None and _hyper.concrete(k) == 1.0:
+        # Only a static 1 (a Python/NumPy int) switches accumulation off: an array (e.g. from
+        # optax.inject_hyperparams, traced in `update`) may change, so it keeps the accumulator.
+        if k is not None and isinstance(k, (int, np.integer)) and k == 1:
             return None
         return k
 
@@ -194,8 +222,8 @@ class AdamSpec:
         """Storage dtype of ``field`` for a parameter of ``param_dtype``."""
         if field in ("mu",):
             return _tree.state_dtype(param_dtype, self.mu_dtype)
-        if field in ("nu", "nu_max"):
-            return _tree.state_dtype(param_dtype, self.nu_dtype)
+        if field in ("nu", "nu_max"):  # real also for complex params: the moment of |g|^2 (optax)
+            return _tree.state_dtype(_tree.real_dtype(param_dtype), self.nu_dtype)
         return _tree.compute_dtype(param_dtype)  # acc, ema: float32 at least
 
     # ------------------------------------------------------------------ Keras config

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamx import _averaging, _clipping, _decay, _flat, _hyper, _moments, _tree
+from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _tree
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, layout, next_state
 
@@ -68,7 +68,8 @@ def scalars(spec: AdamSpec, n: jax.Array) -> Scalars:
     the bias correction ``t = n // k + 1``)."""
     k = spec.window
     lr = _hyper.value_at(spec.learning_rate, n)
-    t = n + 1 if k is None else n // k + 1
+    # t in float32: n + 1 would wrap at the saturated count (int32 max)
+    t = (n if k is None else n // k).astype(jnp.float32) + 1
     sc = _moments.adam_scalars(
         spec.beta_1, spec.beta_2, spec.epsilon, 0.0, n, alpha_lr=lr, keras_rounding=True, t=t, sched_count=n
     )
@@ -142,15 +143,35 @@ def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, 
     """
     if g is None:
         return None, m, v, v_max
+    if jnp.iscomplexobj(m):
+        return complex_moments(sc, g, m, v, v_max)
     cd = _tree.compute_dtype_of(g, m, v)
+    c = lambda x: x.astype(cd)  # noqa: E731  (float32 scalars; float64 under x64 for float64 leaves)
     m2, v2 = _moments.update_moments(
-        g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=sc.c1, c2=sc.c2, form="kernel"
+        g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=c(sc.c1), c2=c(sc.c2), form="kernel"
     )
     v_used, vm2 = v2, None
     if v_max is not None:
         v_used = jnp.maximum(v_max.astype(cd), v2)
         vm2 = v_used.astype(v_max.dtype)
-    d = _moments.direction_hat(m2, v_used, alpha=sc.alpha, eps=sc.eps)
+    d = _moments.direction_hat(m2, v_used, alpha=c(sc.alpha), eps=c(sc.eps))
+    return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
+
+
+def complex_moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
+    """:func:`moments` for a complex unit, optax's convention: the first moment is complex,
+    the second is the (real) moment of ``|g|^2 = (conj(g) * g).real``."""
+    cd = _tree.compute_dtype(m.dtype)
+    rd = _tree.real_dtype(cd)
+    gc, m0 = g.astype(cd), m.astype(cd)
+    m2 = m0 + (gc - m0) * sc.c1.astype(cd)
+    v0 = v.astype(rd)
+    v2 = v0 + ((jnp.conj(gc) * gc).real - v0) * sc.c2.astype(rd)
+    v_used, vm2 = v2, None
+    if v_max is not None:
+        v_used = jnp.maximum(v_max.astype(rd), v2)
+        vm2 = v_used.astype(v_max.dtype)
+    d = (m2 * sc.alpha.astype(cd)) / (jnp.sqrt(v_used) + sc.eps.astype(rd)).astype(cd)
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 
@@ -179,7 +200,7 @@ class Moments(NamedTuple):
 def is_real(spec: AdamSpec, n: jax.Array) -> jax.Array:
     """Whether the call after ``n`` earlier calls is a real step (not an accumulation micro-step)."""
     k = spec.window
-    return jnp.asarray(True) if k is None else (n + 1) % k == 0
+    return jnp.asarray(True) if k is None else n % k == k - 1  # (n + 1) % k == 0 without overflow
 
 
 def direction(
@@ -234,6 +255,8 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     nl = len(g_l)
     if params is None:
         p_l = _none_list(nl)
+    frozen = frozen_leaves(g_l, p_l, treedef)
+    g_l = [None if fr else g for g, fr in zip(g_l, frozen)]
     flat = treedef.flatten_up_to
     st = Moments(
         acc=flat(state.acc) if spec.window is not None else _none_list(nl),
@@ -263,9 +286,39 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
         u_l, ema_l = _averaging.ema_step(
             p_l, u_l, flat(state.ema), n, spec.ema_momentum, spec.ema_overwrite_frequency, spec.window
         )
+    u_l = [zeros_for_none(u, p, fr) for u, p, fr in zip(u_l, p_l, frozen)]
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema_l}
     return unflat(u_l), next_state(spec, n, unflat, fields)
+
+
+def frozen_leaves(g_l: list[Any], p_l: list[Any], treedef: Any) -> list[bool]:
+    """Which leaves are left alone with their gradient ignored: integer and bool params (e.g.
+    step counters kept in params), or leaves whose gradient is integer/bool/``float0``
+    (``jax.grad(..., allow_int=True)``). Their update is zeros, their moments never move."""
+    out: list[bool] = []
+    for g, p in zip(g_l, p_l):
+        fr = (p is not None and not _checks.is_trainable(jnp.result_type(p))) or (
+            g is not None and not _checks.is_trainable(g.dtype)
+        )
+        if fr and p is None and g is not None and g.dtype == jax.dtypes.float0:
+            path = _tree.leaf_paths(jax.tree_util.tree_unflatten(treedef, g_l))[len(out)]
+            raise ValueError(
+                f"grads at '{path}' is float0 (the gradient of an integer parameter): pass the params, "
+                "update(grads, state, params), so its update can be zeros of the parameter's dtype."
+            )
+        out.append(fr)
+    return out
+
+
+def zeros_for_none(u: Any, p: Any, frozen: bool) -> Any:
+    """The update of a leaf without a gradient (``None``) or left alone: zeros of the params' dtype,
+    so ``optax.apply_updates`` takes it; without params a ``None`` update stays ``None``."""
+    if p is None:
+        return jnp.zeros_like(u) if frozen and u is not None else u
+    if u is None or frozen:
+        return jnp.zeros(jnp.shape(p), jnp.result_type(p))
+    return u
 
 
 def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
@@ -281,6 +334,8 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     on = spec.fields_on
     lay = _flat.layout(p_l, lambda p: _tree.compute_dtype(jnp.result_type(p)))
     groups = tuple(s.group for s in lay.slots)
+    if any(not _checks.is_trainable(jnp.result_type(p)) or jnp.iscomplexobj(p) for p in p_l):
+        return None  # integer/bool leaves (left alone) and complex leaves: the per-leaf step
     if any(g is None for g in g_l) or any(
         _tree.compute_dtype(g.dtype) != lay.dtypes[s.group] for g, s in zip(g_l, lay.slots)
     ):

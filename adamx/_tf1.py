@@ -80,7 +80,7 @@ def tf1_adam(
             beta1_power=_hyper.value_at(beta1, zero),
             beta2_power=_hyper.value_at(beta2, zero),
             mu=_moments.moment_buffers(params, mu_dtype),
-            nu=_moments.moment_buffers(params, nu_dtype),
+            nu=_moments.moment_buffers(params, nu_dtype, second=True),
         )
 
     def update_fn(

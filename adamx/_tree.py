@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import sparse as jsparse
 
 PyTree = Any
@@ -89,6 +90,8 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
             continue
         if _is_sparse(g):
             g = g.todense()
+        elif isinstance(g, (bool, int, float, complex, np.generic)):
+            g = jnp.asarray(g)  # a Python/NumPy scalar gradient of a scalar leaf
         elif not hasattr(g, "shape"):
             # a nested subtree where params has a leaf
             paths = paths or leaf_paths(params)
@@ -106,8 +109,11 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype adamx does arithmetic in for a parameter of ``dtype``: float32 at least."""
+    """The dtype adamx does arithmetic in for a parameter of ``dtype``: float32 at least
+    (complex64 at least for complex parameters)."""
     dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         return jnp.dtype(jnp.float32)
     return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
@@ -116,6 +122,12 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 def compute_dtype_of(*arrays: Any) -> jnp.dtype:
     """The widest :func:`compute_dtype` of the arrays (no implicit promotion: strict-safe)."""
     return max((compute_dtype(jnp.result_type(x)) for x in arrays), key=lambda d: d.itemsize)
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """``dtype``, or the real dtype of its parts for a complex ``dtype`` (complex64 -> float32)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
 
 
 def rounded_sum(p: jax.Array, u: jax.Array, dtype: Any) -> jax.Array:
@@ -129,7 +141,14 @@ def rounded_sum(p: jax.Array, u: jax.Array, dtype: Any) -> jax.Array:
     s = p.astype(dtype) + u.astype(pdt).astype(dtype)
     if pdt.itemsize < jnp.dtype(dtype).itemsize and jnp.issubdtype(pdt, jnp.floating):
         fi = jnp.finfo(pdt)
-        s = jax.lax.reduce_precision(s, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+        r = jax.lax.reduce_precision(s, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+        if fi.nexp < jnp.finfo(dtype).nexp:
+            # reduce_precision flushes the param dtype's subnormals (float16: |x| < 2**-14) to zero;
+            # a float16 param holds them (and the fused kernel keeps them): round to their grid.
+            step = jnp.asarray(fi.smallest_subnormal, dtype)
+            sub = jnp.round(s / step) * step
+            r = jnp.where(jnp.abs(s) < jnp.asarray(fi.smallest_normal, dtype), sub, r)
+        s = r
     return s
 
 

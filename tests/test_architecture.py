@@ -32,7 +32,7 @@ LAYERS = [
         "adamx._quantize",
     ],
     ["adamx._spec"],
-    ["adamx._state"],
+    ["adamx._state", "adamx._checks"],
     ["adamx._step"],
     ["adamx.fused._build", "adamx.fused._plan", "adamx.fused._kernel", "adamx.fused"],
     ["adamx._adam"],

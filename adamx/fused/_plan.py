@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _tree
+from adamx import _checks, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec
 from adamx._state import AdamState
@@ -127,7 +127,10 @@ def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan
     """``(None, plan)`` when the fused kernel applies, else ``(reason, None)``."""
     spec = getattr(tx, "spec", None)
     if not isinstance(spec, AdamSpec) or not isinstance(state, AdamState):
+        if isinstance(spec, AdamSpec):
+            _checks.check_state(spec, state, params)  # raises: a wrong state is an error, not a fallback
         return "not an adamx.adam optimizer and its AdamState", None
+    _checks.check_state(spec, state, params)
     reason = unsupported_option(spec)
     if reason:
         return reason, None
