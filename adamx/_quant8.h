@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace adamx {
@@ -72,6 +73,65 @@ inline void encode_block(const float* code_map, const float* values, std::size_t
     const float x = std::fabs(values[i]) < FLT_MIN ? 0.0f : values[i];
     const float y = x / divisor;
     codes_out[i] = (y != y) ? zero : encode_value(code_map, y);
+  }
+  *scale_out = scale;
+}
+
+// The same nearest-code search as encode_value, by table: faster, and exact (equal to
+// encode_value for every non-NaN y). The float32 bits of y with the low 19 mantissa bits
+// dropped (sign, exponent, 4 mantissa bits) name one of 8192 buckets, each a contiguous
+// interval of floats. encode_value is monotone in y, so over a bucket it runs from
+// lo = encode_value(bucket min) to hi = encode_value(bucket max); the answer is lo plus
+// the number of midpoints mid[lo..hi) below y (usually none or one to test).
+struct TableEncoder {
+  float mid[256];               // mid[j] = (code_map[j] + code_map[j + 1]) * 0.5f, j = 0..254
+  std::uint8_t lo[8192], hi[8192];
+  std::uint8_t zero;
+
+  explicit TableEncoder(const float* code_map) {
+    for (unsigned j = 0; j < 255; ++j) mid[j] = (code_map[j] + code_map[j + 1]) * 0.5f;
+    mid[255] = std::numeric_limits<float>::infinity();
+    zero = zero_code(code_map);
+    for (std::uint32_t k = 0; k < 8192; ++k) {
+      const std::uint32_t b0 = k << 19, b1 = b0 | 0x7ffffu;
+      float f0, f1;
+      std::memcpy(&f0, &b0, 4);
+      std::memcpy(&f1, &b1, 4);
+      const float a = (k & 0x1000u) ? f1 : f0, b = (k & 0x1000u) ? f0 : f1;  // bucket min, max
+      lo[k] = (a != a) ? 255 : encode_value(code_map, a);
+      hi[k] = (b != b) ? 255 : encode_value(code_map, b);
+    }
+  }
+  std::uint8_t operator()(float y) const {
+    std::uint32_t u;
+    std::memcpy(&u, &y, 4);
+    const std::uint32_t k = u >> 19;
+    unsigned idx = lo[k];
+    const unsigned top = hi[k];
+    while (idx < top && mid[idx] < y) ++idx;
+    return static_cast<std::uint8_t>(idx);
+  }
+};
+
+// encode_block with a TableEncoder: the same codes and scale.
+inline void encode_block(const TableEncoder& enc, const float* values, std::size_t count, std::uint8_t* codes_out,
+                         float* scale_out) {
+  float absmax = 0.0f;
+  bool has_nan = false;
+  for (std::size_t i = 0; i < count; ++i) {
+    const float a = std::fabs(values[i]);
+    if (a != a) {
+      has_nan = true;
+    } else if (a >= FLT_MIN && a > absmax) {
+      absmax = a;
+    }
+  }
+  const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
+  const float divisor = scale == 0.0f ? 1.0f : scale;
+  for (std::size_t i = 0; i < count; ++i) {
+    const float x = std::fabs(values[i]) < FLT_MIN ? 0.0f : values[i];
+    const float y = x / divisor;
+    codes_out[i] = (y != y) ? enc.zero : enc(y);
   }
   *scale_out = scale;
 }
