@@ -7,7 +7,7 @@
 //
 //   x        = |x| < FLT_MIN ? 0 : x                 (subnormal inputs count as 0)
 //   scale    = max |x| over the block                (NaN if the block holds a NaN)
-//   y        = x / (scale != 0 ? scale : 1)          (float32 division)
+//   y        = x * (1 / (scale != 0 ? scale : 1))    (float32 reciprocal, then product)
 //   mid[j]   = (code_map[j] + code_map[j+1]) * 0.5f  (float32, j = 0..254)
 //   code     = #{ j : mid[j] < y }                   (nearest; a tie goes to the lower code)
 //   code     = code of 0.0 when y is NaN
@@ -16,7 +16,7 @@
 // code_map: 256 sorted float32 values (adamx._quantize.SIGNED_DYNAMIC_MAP /
 // UNSIGNED_DYNAMIC_MAP), containing 0. The caller owns the block layout: block b of a
 // leaf with n elements covers [b * block_size, min(n, (b + 1) * block_size)).
-// Requires IEEE float32 without -ffast-math (NaN tests and exact division are relied on).
+// Requires IEEE float32 without -ffast-math (NaN tests and exact float32 ops are relied on).
 
 #ifndef ADAMX_QUANT8_H_
 #define ADAMX_QUANT8_H_
@@ -67,11 +67,11 @@ inline void encode_block(const float* code_map, const float* values, std::size_t
     }
   }
   const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
-  const float divisor = scale == 0.0f ? 1.0f : scale;
+  const float inv = 1.0f / (scale == 0.0f ? 1.0f : scale);
   const std::uint8_t zero = zero_code(code_map);
   for (std::size_t i = 0; i < count; ++i) {
     const float x = std::fabs(values[i]) < FLT_MIN ? 0.0f : values[i];
-    const float y = x / divisor;
+    const float y = x * inv;
     codes_out[i] = (y != y) ? zero : encode_value(code_map, y);
   }
   *scale_out = scale;
@@ -127,10 +127,10 @@ inline void encode_block(const TableEncoder& enc, const float* values, std::size
     }
   }
   const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
-  const float divisor = scale == 0.0f ? 1.0f : scale;
+  const float inv = 1.0f / (scale == 0.0f ? 1.0f : scale);
   for (std::size_t i = 0; i < count; ++i) {
     const float x = std::fabs(values[i]) < FLT_MIN ? 0.0f : values[i];
-    const float y = x / divisor;
+    const float y = x * inv;
     codes_out[i] = (y != y) ? enc.zero : enc(y);
   }
   *scale_out = scale;

@@ -170,6 +170,10 @@ def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: in
         for x, q, f in zip((m, v, v_max), qs, names)
     )
     d, m2, v2, x2 = moments(sc, g, m32, v32, x32)
+    # The new moments feed the direction, the block absmax and the codes: computed once (XLA
+    # could otherwise recompute them per consumer with other FMA contractions; the fused
+    # kernel's rounding is that of one computation).
+    d, m2, v2, x2 = jax.lax.optimization_barrier((d, m2, v2, x2))
     m2, v2, x2 = (
         _quantize.quantize(x, code_map(f), block_size) if q else x for x, q, f in zip((m2, v2, x2), qs, names)
     )
