@@ -83,15 +83,20 @@ inline void encode_block(const float* code_map, const float* values, std::size_t
 // interval of floats. encode_value is monotone in y, so over a bucket it runs from
 // lo = encode_value(bucket min) to hi = encode_value(bucket max); the answer is lo plus
 // the number of midpoints mid[lo..hi) below y (usually none or one to test).
+// With at most kWidth midpoints per bucket (the dynamic maps have 3 and 5) the count is
+// branch-free: kWidth compares against mid[lo..lo+kWidth) masked by hi.
 struct TableEncoder {
-  float mid[256];               // mid[j] = (code_map[j] + code_map[j + 1]) * 0.5f, j = 0..254
+  static constexpr unsigned kWidth = 6;
+  float mid[256 + kWidth];      // mid[j] = (code_map[j] + code_map[j + 1]) * 0.5f, j = 0..254; then +inf
   std::uint8_t lo[8192], hi[8192];
   std::uint8_t zero;
+  bool narrow;                  // every bucket holds at most kWidth midpoints
 
   explicit TableEncoder(const float* code_map) {
     for (unsigned j = 0; j < 255; ++j) mid[j] = (code_map[j] + code_map[j + 1]) * 0.5f;
-    mid[255] = std::numeric_limits<float>::infinity();
+    for (unsigned j = 255; j < 256 + kWidth; ++j) mid[j] = std::numeric_limits<float>::infinity();
     zero = zero_code(code_map);
+    narrow = true;
     for (std::uint32_t k = 0; k < 8192; ++k) {
       const std::uint32_t b0 = k << 19, b1 = b0 | 0x7ffffu;
       float f0, f1;
@@ -100,6 +105,7 @@ struct TableEncoder {
       const float a = (k & 0x1000u) ? f1 : f0, b = (k & 0x1000u) ? f0 : f1;  // bucket min, max
       lo[k] = (a != a) ? 255 : encode_value(code_map, a);
       hi[k] = (b != b) ? 255 : encode_value(code_map, b);
+      if (a == a && b == b && hi[k] - lo[k] > static_cast<int>(kWidth)) narrow = false;
     }
   }
   std::uint8_t operator()(float y) const {
@@ -108,6 +114,11 @@ struct TableEncoder {
     const std::uint32_t k = u >> 19;
     unsigned idx = lo[k];
     const unsigned top = hi[k];
+    if (narrow) {
+      const unsigned base = idx;
+      for (unsigned t = 0; t < kWidth; ++t) idx += static_cast<unsigned>((base + t < top) & (mid[base + t] < y));
+      return static_cast<std::uint8_t>(idx);
+    }
     while (idx < top && mid[idx] < y) ++idx;
     return static_cast<std::uint8_t>(idx);
   }
@@ -118,13 +129,10 @@ inline void encode_block(const TableEncoder& enc, const float* values, std::size
                          float* scale_out) {
   float absmax = 0.0f;
   bool has_nan = false;
-  for (std::size_t i = 0; i < count; ++i) {
+  for (std::size_t i = 0; i < count; ++i) {  // branch-free: the same absmax and NaN flag
     const float a = std::fabs(values[i]);
-    if (a != a) {
-      has_nan = true;
-    } else if (a >= FLT_MIN && a > absmax) {
-      absmax = a;
-    }
+    has_nan |= (a != a);
+    absmax = (a >= FLT_MIN && a > absmax) ? a : absmax;
   }
   const float scale = has_nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
   const float inv = 1.0f / (scale == 0.0f ? 1.0f : scale);
