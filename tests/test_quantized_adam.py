@@ -246,10 +246,8 @@ def _codes_close(a, b, lr):
             assert np.all(np.abs(xn - yn) <= 0.2 * lr + 1e-5 * np.abs(yn))
 
 
-# "schedules" is left out: its optax schedule fails under strict dtype promotion with optax
-# 0.2.8 on main's float path too (tests/test_performance_paths.py), not a quantization matter.
 @needs_kernel
-@pytest.mark.parametrize("option", [k for k in OPTIONS if k != "schedules"])
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_fused_equals_reference_bit_for_bit(option):
     """7 steps of the fused step against ``update`` + ``apply_updates``: params, codes, scales,
     float32 leaves (biases below quantize_min_size) bit for bit; f32/bf16/f16 params. With
