@@ -28,6 +28,8 @@ from adamx._loss_scale import loss_scale as loss_scale
 from adamx._loss_scale import loss_scale_optimizer as loss_scale_optimizer
 from adamx._moments import ScaleByAdamState as ScaleByAdamState
 from adamx._moments import scale_by_adam as scale_by_adam
+from adamx._quantize import QuantizedArray as QuantizedArray
+from adamx._quantize import bytes_per_param as state_bytes_per_param
 from adamx._spec import AdamOptions as AdamOptions
 from adamx._spec import AdamSpec as AdamSpec
 from adamx._state import AdamState as AdamState
@@ -51,6 +53,7 @@ __all__ = [
     "LossScaleOptimizer",
     "LossScaleSpec",
     "LossScaleState",
+    "QuantizedArray",
     "ScaleByAdamState",
     "Tf1AdamState",
     "adam",
@@ -69,6 +72,7 @@ __all__ = [
     "schedules",
     "sharding",
     "scale_by_adam",
+    "state_bytes_per_param",
     "tf1_adam",
     "to_keras_config",
 ]

@@ -43,7 +43,8 @@ class _Update:
             return out if out is not None else _step.update_flat_by_leaf(spec, grads, state, params)
         if params is None and spec.needs_params:
             raise ValueError(
-                "adamx.adam with weight_decay or use_ema needs the params: call update(grads, state, params)."
+                "adamx.adam with weight_decay, use_ema or quantize_moments needs the params: "
+                "call update(grads, state, params)."
             )
         return _step.update_tree(spec, grads, state, params)
 
@@ -193,7 +194,8 @@ def adam(
       name: kept for ``get_config()``.
       **options: adamx's own keyword-only options (fields of :class:`adamx.AdamSpec`,
         documented there): ``mu_dtype``, ``nu_dtype`` (moment storage dtypes),
-        ``flat_state`` (state fields as flat buffers).
+        ``flat_state`` (state fields as flat buffers), ``quantize_moments``,
+        ``quantize_block_size``, ``quantize_min_size``, ``quantize_mask`` (8-bit moments).
 
     Returns:
       An :class:`Adam` (an ``optax.GradientTransformationExtraArgs``) with state

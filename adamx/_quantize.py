@@ -9,7 +9,8 @@ sorted map of 256 float32 values in ``[-1, 1]`` (signed) or ``[0, 1]`` (unsigned
     blocks    = pad(ravel(x), to a multiple of block_size with 0).reshape(-1, block_size)
     x         = where(|x| < FLT_MIN, 0, x)                 # subnormal inputs count as 0
     scale[b]  = max_i |blocks[b, i]|                        # NaN if the block holds a NaN
-    y[b, i]   = blocks[b, i] / (scale[b] if scale[b] != 0 else 1)   # float32 division
+    inv[b]    = 1 / (scale[b] if scale[b] != 0 else 1)       # float32, one reciprocal per block
+    y[b, i]   = blocks[b, i] * inv[b]                       # (XLA rewrites x / s as x * (1/s); bitsandbytes too)
     mid[j]    = (code[j] + code[j+1]) * 0.5                 # float32, j = 0..254
     codes     = #{j : mid[j] < y}                           # nearest code; a tie goes to the lower code
     codes     = zero_code where y is NaN                    # zero_code: the code of 0.0
@@ -207,7 +208,9 @@ def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> Quantiz
     # XLA's vectorized CPU reduce-max does not reliably propagate NaN (it did for 256-element blocks, not 2048)
     scales = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
-    y = blocks / divisor[:, None]
+    # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
+    # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
+    y = blocks * (jnp.float32(1) / divisor)[:, None]
     idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
     idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
     codes = idx.astype(jnp.uint8).reshape(nb * bs)[:n]

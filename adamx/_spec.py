@@ -43,7 +43,17 @@ KERAS3_KEYS = (
     "amsgrad",
 )
 # adamx's own options, written into a config only with include_adamx=True.
-ADAMX_KEYS = ("exclude_from_weight_decay", "mu_dtype", "nu_dtype", "flat_state")
+ADAMX_KEYS = (
+    "exclude_from_weight_decay",
+    "mu_dtype",
+    "nu_dtype",
+    "flat_state",
+    "quantize_moments",
+    "quantize_block_size",
+    "quantize_min_size",
+)
+# a config writes the quantization options only when quantize_moments is on
+_QUANTIZE_DEFAULTS = ("quantize_moments", "quantize_block_size", "quantize_min_size")
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
@@ -53,6 +63,25 @@ class AdamOptions(TypedDict, total=False):
     mu_dtype: Any
     nu_dtype: Any
     flat_state: bool
+    quantize_moments: bool
+    quantize_block_size: int
+    quantize_min_size: int
+    quantize_mask: Any
+
+
+def _mask_leaves(params: Any, mask: Any, name: str) -> list[bool]:
+    """A pytree of bools like params (or a prefix), or a callable ``params -> such a tree``, as one bool per leaf."""
+    m = mask(params) if callable(mask) else mask
+    try:
+        per_leaf = jax.tree.map(lambda mk, sub: [mk] * len(jax.tree_util.tree_leaves(sub)), m, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"`{name}` must be a pytree of bools shaped like params (or a prefix of it): {e}") from e
+    lists = jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
+    out = [v for lst in lists for v in lst]
+    for v in out:
+        if not isinstance(v, bool):
+            raise ValueError(f"`{name}` leaves must be Python bools, got {v!r}.")
+    return out
 
 
 def check_moment_dtype(name: str, dtype: Any) -> None:
@@ -94,6 +123,14 @@ class AdamSpec:
       models with many parameter tensors a jitted step then passes and compiles far fewer
       buffers (docs/performance.md). ``update`` then needs ``params``. Meant for
       single-device steps: flat buffers cannot follow the params' shardings.
+    - ``quantize_moments``: store ``mu``, ``nu`` (and ``nu_max``) as 8-bit codes with one
+      float32 scale per block of ``quantize_block_size`` elements (block-wise absmax,
+      bitsandbytes' dynamic maps: signed for ``mu``, unsigned for ``nu``;
+      :class:`adamx.QuantizedArray` leaves, docs/quantized_state.md). Each step
+      dequantizes, runs the float32 Adam step and requantizes. Leaves with fewer than
+      ``quantize_min_size`` elements, and leaves where ``quantize_mask`` (a pytree of
+      bools like params, or a callable ``params -> pytree``) is ``False``, keep float32
+      moments (``mu_dtype``/``nu_dtype`` apply to them). Not with ``flat_state=True``.
 
     Frozen: build a changed copy with ``dataclasses.replace(spec, ...)`` (validated again).
     Numeric options may be traced values (``optax.inject_hyperparams`` passes them); those
@@ -125,6 +162,10 @@ class AdamSpec:
     mu_dtype: Any = None
     nu_dtype: Any = None
     flat_state: bool = False
+    quantize_moments: bool = False
+    quantize_block_size: int = 256
+    quantize_min_size: int = 4096
+    quantize_mask: _decay.MaskOrFn = None
     name: str = "adam"
 
     @classmethod
@@ -168,6 +209,23 @@ class AdamSpec:
             raise TypeError(f"`name` must be a str, got {self.name!r}.")
         check_moment_dtype("mu_dtype", self.mu_dtype)
         check_moment_dtype("nu_dtype", self.nu_dtype)
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        if not isinstance(self.quantize_moments, bool):
+            raise TypeError(f"`quantize_moments` must be a bool, got {self.quantize_moments!r}.")
+        for k, lo in (("quantize_block_size", 1), ("quantize_min_size", 0)):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"`{k}` must be an int >= {lo}, got {v!r}.")
+        qm = self.quantize_mask
+        if qm is not None and not callable(qm) and not isinstance(qm, (dict, list, tuple, bool)):
+            jax.tree_util.tree_structure(qm)  # must at least be a pytree
+        if self.quantize_moments and self.flat_state:
+            raise ValueError(
+                "`quantize_moments=True` cannot be combined with `flat_state=True` (8-bit moments are "
+                "per-leaf QuantizedArray state); use one of the two."
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -209,14 +267,35 @@ class AdamSpec:
 
     @property
     def needs_params(self) -> bool:
-        """``update`` must be given the params (weight decay and the EMA read them; flat state too)."""
-        return self.decay_on or self.use_ema
+        """``update`` must be given the params (weight decay and the EMA read them; flat state too;
+        8-bit moments take their leaves' shapes from them)."""
+        return self.decay_on or self.use_ema or self.quantize_moments
 
     @property
     def fields_on(self) -> tuple[StateField, ...]:
         """The per-parameter state fields this spec keeps (the others hold ``None``)."""
         on = {"mu": True, "nu": True, "nu_max": self.amsgrad, "acc": self.window is not None, "ema": self.use_ema}
         return tuple(f for f in STATE_FIELDS if on[f])
+
+    def quantized_leaves(self, params: Any) -> list[bool]:
+        """Which leaves of ``params`` keep 8-bit ``mu``/``nu``/``nu_max`` (leaf order).
+
+        A leaf is quantized when ``quantize_moments`` is on, it has at least
+        ``quantize_min_size`` elements, its dtype is floating, and ``quantize_mask``
+        (``True`` = quantize) allows it.
+        """
+        leaves = jax.tree_util.tree_leaves(params)
+        if not self.quantize_moments:
+            return [False] * len(leaves)
+        on = [True] * len(leaves)
+        if self.quantize_mask is not None:
+            on = _mask_leaves(params, self.quantize_mask, "quantize_mask")
+        return [
+            bool(q)
+            and int(np.prod(jnp.shape(p), dtype=np.int64)) >= self.quantize_min_size
+            and jnp.issubdtype(jnp.result_type(p), jnp.floating)
+            for q, p in zip(on, leaves)
+        ]
 
     def state_dtype(self, field: StateField, param_dtype: Any) -> jnp.dtype:
         """Storage dtype of ``field`` for a parameter of ``param_dtype``."""
@@ -255,6 +334,11 @@ class AdamSpec:
         extra = {
             k: getattr(self, k) for k in ADAMX_KEYS if getattr(self, k) is not None and getattr(self, k) is not False
         }
+        if not self.quantize_moments:  # the block and min sizes mean nothing then
+            for k in _QUANTIZE_DEFAULTS:
+                extra.pop(k, None)
+        if self.quantize_mask is not None:
+            raise ValueError("`quantize_mask` cannot be written into a config.")
         if not include_adamx:
             extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
         if extra and not include_adamx:
@@ -263,8 +347,10 @@ class AdamSpec:
                 "(Keras itself will then refuse the config)."
             )
         for k, v in extra.items():
-            if k == "flat_state":
+            if k in ("flat_state", "quantize_moments"):
                 out[k] = bool(v)
+            elif k in ("quantize_block_size", "quantize_min_size"):
+                out[k] = int(v)
             else:
                 out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
         return out

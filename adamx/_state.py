@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamx import _flat, _tree
+from adamx import _flat, _quantize, _tree
 from adamx._spec import STATE_FIELDS, AdamSpec, StateField
 
 
@@ -26,6 +26,7 @@ class AdamState(NamedTuple):
 
     count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; update() calls so far (micro-steps under accumulation), saturating
     # With flat_state=True each of the five buffer fields is an adamx.FlatBuffers instead of a tree.
+    # With quantize_moments=True a quantized leaf of mu, nu, nu_max is an adamx.QuantizedArray (codes, scales).
     mu: optax.Updates  # first moment, like params; mu_dtype (default float32 for f32/bf16/f16 params)
     nu: optax.Updates  # second moment, like params; nu_dtype (default as mu)
     nu_max: optax.Updates | None  # amsgrad: running max of raw nu, else None
@@ -39,6 +40,25 @@ def _buffer(spec: AdamSpec, field: StateField, p: Any) -> jax.Array:
     return _tree.fresh_copy(p, dt) if field == "ema" else _tree.zeros_like(p, dt)
 
 
+QUANTIZED_FIELDS: tuple[StateField, ...] = ("mu", "nu", "nu_max")
+
+
+def code_map(field: StateField) -> Any:
+    """The 8-bit code map of a quantized field: signed for ``mu``, unsigned for ``nu``/``nu_max``."""
+    return _quantize.SIGNED_DYNAMIC_MAP if field == "mu" else _quantize.UNSIGNED_DYNAMIC_MAP
+
+
+def _quantized_tree(spec: AdamSpec, field: StateField, params: optax.Params) -> Any:
+    """A moment field with ``quantize_moments``: quantized zeros on the quantized leaves, zeros elsewhere."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    on = spec.quantized_leaves(params)
+    out = [
+        _quantize.quantized_zeros(p, code_map(field), spec.quantize_block_size) if q else _buffer(spec, field, p)
+        for p, q in zip(leaves, on)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def init(spec: AdamSpec, params: optax.Params) -> AdamState:
     """The initial state: count 0, zero moments and accumulator, the average a copy of params."""
     on = spec.fields_on
@@ -50,7 +70,10 @@ def init(spec: AdamSpec, params: optax.Params) -> AdamState:
             fields[f] = _flat.pack(leaves, lay, fresh=True) if f == "ema" else _flat.zeros(lay)
     else:
         for f in on:
-            fields[f] = jax.tree.map(lambda p, f=f: _buffer(spec, f, p), params)
+            if spec.quantize_moments and f in QUANTIZED_FIELDS:
+                fields[f] = _quantized_tree(spec, f, params)
+            else:
+                fields[f] = jax.tree.map(lambda p, f=f: _buffer(spec, f, p), params)
     return AdamState(count=jnp.zeros([], jnp.int32), **fields)
 
 

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _tree
-from adamx._spec import AdamSpec
-from adamx._state import AdamState, layout, next_state
+from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _tree
+from adamx._spec import AdamSpec, StateField
+from adamx._state import AdamState, code_map, layout, next_state
 
 CLIP_CODES = {"none": 0, "norm": 1, "global_norm": 2, "value": 3}
 
@@ -175,6 +175,32 @@ def complex_moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[An
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 
+def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: int) -> tuple[Any, Any, Any, Any]:
+    """:func:`moments` on a unit whose moments may be :class:`adamx.QuantizedArray`: dequantize
+    (to float32), the float32 step, requantize (``quantize_moments=True``; docs/quantized_state.md).
+
+    ``mu`` uses the signed dynamic map, ``nu`` and ``nu_max`` the unsigned one. The direction
+    uses this step's float32 moments; only what is stored is rounded (as bitsandbytes does).
+    """
+    qs = [isinstance(x, _quantize.QuantizedArray) for x in (m, v, v_max)]
+    if g is None or not any(qs):
+        return moments(sc, g, m, v, v_max)
+    names: tuple[StateField, ...] = ("mu", "nu", "nu_max")
+    m32, v32, x32 = (
+        _quantize.dequantize(x, code_map(f), g.shape, block_size) if q else x
+        for x, q, f in zip((m, v, v_max), qs, names)
+    )
+    d, m2, v2, x2 = moments(sc, g, m32, v32, x32)
+    # The new moments feed the direction, the block absmax and the codes: computed once (XLA
+    # could otherwise recompute them per consumer with other FMA contractions; the fused
+    # kernel's rounding is that of one computation).
+    d, m2, v2, x2 = jax.lax.optimization_barrier((d, m2, v2, x2))
+    m2, v2, x2 = (
+        _quantize.quantize(x, code_map(f), block_size) if q else x for x, q, f in zip((m2, v2, x2), qs, names)
+    )
+    return d, m2, v2, x2
+
+
 def descent(sc: Scalars, d: Any, p: Any, decay: bool, dtype: Any) -> Any:
     """The update ``-d``, minus ``lr * wd * p`` where the leaf is decayed, in ``dtype``."""
     u = -d
@@ -230,7 +256,10 @@ def direction(
         if k is not None:
             g_u, acc = window_mean(spec, g_u, st.acc)
         g_u = clip(spec, g_u, split, join)
-        d_u, mu, nu, nm = (list(x) for x in zip(*(moments(sc, *a) for a in zip(g_u, st.mu, st.nu, st.nu_max))))
+        bs = spec.quantize_block_size
+        d_u, mu, nu, nm = (
+            list(x) for x in zip(*(moments_8bit(sc, *a, block_size=bs) for a in zip(g_u, st.mu, st.nu, st.nu_max)))
+        )
         return (d_u if finish is None else finish(d_u, sc)), Moments(acc, mu, nu, nm)
 
     def micro_step(g_u: list[Any], st: Moments) -> tuple[list[Any], Moments]:

@@ -32,9 +32,9 @@ def quantize(x: np.ndarray, code: np.ndarray, block_size: int) -> tuple[np.ndarr
             scale = f32(np.nan)
         else:
             scale = np.abs(blk).max() if blk.size else f32(0)
-        divisor = scale if scale != 0 else f32(1)
+        inv = f32(1) / (scale if scale != 0 else f32(1))  # reciprocal, then product (as XLA and bnb)
         with np.errstate(invalid="ignore", divide="ignore"):
-            y = blk / divisor
+            y = blk * inv
         idx = np.searchsorted(mids, y, side="left")  # number of midpoints strictly below y
         idx[np.isnan(y)] = zero
         codes[b * block_size : (b + 1) * block_size] = idx

@@ -29,7 +29,11 @@ log = logging.getLogger("adamx")
 ABI = 2
 STEP_TARGET = "adamx_fused_step_v2"
 SUMSQ_TARGET = "adamx_fused_sumsq_v2"
+Q8_TARGET = "adamx_fused_step_q8_v2"  # quantize_moments: 8-bit mu/nu/nu_max
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")
+# kernel.cc includes "_quant8.h" from the package directory (adamx/_quant8.h)
+INCLUDE_DIR = os.path.dirname(os.path.dirname(SOURCE))
+HEADERS = [os.path.join(INCLUDE_DIR, "_quant8.h")]
 CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 WARNINGS = ["-Wall", "-Wextra"]
 
@@ -93,6 +97,9 @@ def build() -> str:
         raise RuntimeError("no C++ compiler found (set CXX)")
     with open(SOURCE) as f:
         source = f.read()
+    for header in HEADERS:  # the build key covers the included headers too
+        with open(header) as f:
+            source += "\0" + f.read()
     fl = flags()
     out_dir = _cache_dir()
     try:
@@ -106,7 +113,7 @@ def build() -> str:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp_so = os.path.join(tmp, "adamx_fused.so")
         # -isystem: warnings in XLA's FFI headers are theirs; ours must be clean
-        cmd = [cxx, *fl, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp_so]
+        cmd = [cxx, *fl, "-isystem", jax.ffi.include_dir(), "-I", INCLUDE_DIR, SOURCE, "-o", tmp_so]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"compiling the fused kernel failed ({' '.join(cmd)}):\n{r.stderr[-4000:]}")
@@ -141,6 +148,7 @@ def available() -> bool:
             check_layout(lib.adamx_fused_scalar_names().decode())
             jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.AdamxFusedStep), platform="cpu")
             jax.ffi.register_ffi_target(SUMSQ_TARGET, jax.ffi.pycapsule(lib.AdamxFusedSumsq), platform="cpu")
+            jax.ffi.register_ffi_target(Q8_TARGET, jax.ffi.pycapsule(lib.AdamxFusedStepQ8), platform="cpu")
             _status.update(ok=True, path=path, lib=lib)
         except Exception as e:  # noqa: BLE001 - any failure means: use the reference path
             _status.update(ok=False, error=f"{type(e).__name__}: {e}")

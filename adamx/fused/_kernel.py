@@ -11,7 +11,8 @@ import optax
 
 from adamx import _clipping, _decay, _step
 from adamx._flat import FlatBuffers
-from adamx._state import AdamState
+from adamx._quantize import QuantizedArray
+from adamx._state import AdamState, code_map
 from adamx.fused import _build
 from adamx.fused._plan import Plan
 
@@ -113,8 +114,12 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
         )
         return jax.tree_util.tree_unflatten(treedef, new_p), new_state
 
+    quantized = pl.quantized or [False] * L
     res: list[Any] = []
     for grp in groups:
+        if any(quantized[i] for i in grp):
+            res.extend(_run_groups(pl, grp, scal, denoms, keep, attrs, quantized))
+            continue
         ops = [scal, denoms[grp.start : grp.stop]]
         outs = []
         aliases = {}
@@ -160,3 +165,57 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
         ema=new_ema,
     )
     return unflat(col(0)), new_state
+
+
+def _run_groups(
+    pl: Plan, grp: range, scal: Any, denoms: Any, keep: list[bool], attrs: dict[str, Any], quantized: list[bool]
+) -> list[Any]:
+    """One group of leaves, some with 8-bit moments (``quantize_moments``): the float leaves go
+    through the float kernel call, the 8-bit ones through :data:`_build.Q8_TARGET`. Returns the
+    outputs per leaf in the float call's order (``p, mu, nu[, nu_max][, acc][, ema]``), an 8-bit
+    moment as one :class:`QuantizedArray`."""
+    mu_l, nu_l, nm_l, acc_l, ema_l = pl.mu, pl.nu, pl.nu_max, pl.acc, pl.ema
+    per_leaf: dict[int, list[Any]] = {}
+    for q in (False, True):
+        idx = [i for i in grp if quantized[i] == q]
+        if not idx:
+            continue
+        ops: list[Any] = [scal, denoms[np.asarray(idx)]]
+        if q:
+            ops.append(_CODE_MAPS)
+        outs: list[Any] = []
+        aliases: dict[int, int] = {}
+        for i in idx:
+            p = jnp.asarray(pl.params[i])
+            moms = [x[i] for x in (mu_l, nu_l, nm_l) if x is not None]
+            state = [*(a for m in moms for a in m)] if q else moms
+            state += [x[i] for x in (acc_l, ema_l) if x is not None]
+            aliases[len(ops)] = len(outs)
+            outs.append(jax.ShapeDtypeStruct(p.shape, p.dtype))
+            ops.extend([p, pl.grads[i]])
+            for x in state:
+                aliases[len(ops)] = len(outs)
+                ops.append(x)
+                outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+        decay = np.asarray([bool(keep[i]) for i in idx], np.int64)
+        if q:
+            r = jax.ffi.ffi_call(_build.Q8_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
+                *ops, decay=decay, block=np.int64(pl.spec.quantize_block_size), **attrs
+            )
+        else:
+            r = jax.ffi.ffi_call(_build.STEP_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
+                *ops, decay=decay, offsets=np.zeros((0,), np.int64), flat=np.int64(0), **attrs
+            )
+        per = len(r) // len(idx)
+        nq = sum(x is not None for x in (mu_l, nu_l, nm_l))
+        for k, i in enumerate(idx):
+            leaf: list[Any] = list(r[k * per : (k + 1) * per])
+            if q:
+                pairs = [QuantizedArray(leaf[1 + 2 * j], leaf[2 + 2 * j]) for j in range(nq)]
+                leaf = [leaf[0], *pairs, *leaf[1 + 2 * nq :]]
+            per_leaf[i] = leaf
+    return [x for i in grp for x in per_leaf[i]]
+
+
+# the 8-bit kernel's code maps operand: the signed map (mu), then the unsigned map (nu, nu_max)
+_CODE_MAPS = np.concatenate([code_map("mu"), code_map("nu")]).astype(np.float32)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _checks, _tree
+from adamx import _checks, _quantize, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec
 from adamx._state import AdamState
@@ -58,6 +58,10 @@ SUPPORTED: dict[str, Callable[[Any], str | None]] = {
     "mu_dtype": _moment_dtype,
     "nu_dtype": _moment_dtype,
     "flat_state": _any,
+    "quantize_moments": _any,
+    "quantize_block_size": _any,
+    "quantize_min_size": _any,
+    "quantize_mask": _any,
     "name": _any,
 }
 
@@ -90,6 +94,7 @@ class Plan(NamedTuple):
     acc: Any
     ema: Any
     offsets: np.ndarray | None  # flat state: each leaf's offset in the buffers; tree state: None
+    quantized: list[bool] | None = None  # tree state: which leaves hold 8-bit mu/nu/nu_max (QuantizedArray)
 
 
 def is_sharded(x: Any) -> bool:
@@ -160,10 +165,23 @@ def _plan_tree(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: 
     except (ValueError, TypeError):
         return "optimizer state does not match params", None
     f32 = jnp.dtype(jnp.float32)
+    quantized = [isinstance(m, _quantize.QuantizedArray) for m in mu_l]
     for i, (g, p, m, v) in enumerate(zip(g_l, p_l, mu_l, nu_l)):
         reason = _leaf_dtype_problem(g, p)
         if reason:
             return reason, None
+        if quantized[i]:
+            reason = _quantized_leaf_problem(spec, g, p, m, v, nm_l[i] if nm_l is not None else None)
+            if reason:
+                return reason, None
+            for lst in (acc_l, ema_l):
+                if lst is not None and (jnp.dtype(lst[i].dtype) != f32 or tuple(lst[i].shape) != tuple(jnp.shape(p))):
+                    return "optimizer state dtypes or shapes are not the expected ones", None
+            continue
+        if isinstance(v, _quantize.QuantizedArray) or (
+            nm_l is not None and isinstance(nm_l[i], _quantize.QuantizedArray)
+        ):
+            return "optimizer state does not match params (mu is float, nu is 8-bit)", None
         if jnp.dtype(m.dtype) not in MOMENT_DTYPES or jnp.dtype(v.dtype) not in MOMENT_DTYPES:
             return f"unsupported moment dtypes ({m.dtype}, {v.dtype})", None
         shape = tuple(jnp.shape(p))
@@ -174,7 +192,26 @@ def _plan_tree(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: 
                 return "optimizer state dtypes or shapes are not the expected ones", None
         if any(is_sharded(x) for x in (p, g, m, v)):
             return "arrays are sharded over several devices", None
-    return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None)
+    return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None, quantized)
+
+
+def _quantized_leaf_problem(spec: AdamSpec, g: Any, p: Any, m: Any, v: Any, vm: Any) -> str | None:
+    """Why the kernel cannot take a leaf with 8-bit moments (codes u8[n], scales f32[nb]), or ``None``."""
+    n = int(np.prod(jnp.shape(p), dtype=np.int64))
+    nb = _quantize.num_blocks(n, spec.quantize_block_size)
+    for x in (m, v) + ((vm,) if spec.amsgrad else ()):
+        if not isinstance(x, _quantize.QuantizedArray):
+            return "optimizer state does not match params (mu is 8-bit, nu or nu_max is not)"
+        c, sc = x
+        if jnp.dtype(c.dtype) != jnp.dtype(jnp.uint8) or tuple(c.shape) != (n,):
+            return "8-bit optimizer state does not match params (codes)"
+        if jnp.dtype(sc.dtype) != jnp.dtype(jnp.float32) or tuple(sc.shape) != (nb,):
+            return "8-bit optimizer state does not match params (scales; another quantize_block_size?)"
+        if is_sharded(c) or is_sharded(sc):
+            return "arrays are sharded over several devices"
+    if is_sharded(p) or is_sharded(g):
+        return "arrays are sharded over several devices"
+    return None
 
 
 def _plan_flat(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: Any) -> tuple[str | None, Plan | None]:

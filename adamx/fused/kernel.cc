@@ -14,6 +14,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "_quant8.h"  // adamx/_quant8.h: the 8-bit state codec (-I adamx, see _build.py)
 
 namespace ffi = xla::ffi;
 
@@ -304,12 +305,15 @@ struct Seg { int64_t leaf, begin, end; };
 // in all (small leaves are grouped, large leaves split).
 constexpr int64_t kSeg = int64_t{1} << 16;
 
-static void make_tasks(const std::vector<int64_t>& sizes, std::vector<Seg>* segs, std::vector<int64_t>* task_start) {
+// seg_len: the segment length (quantized state: a multiple of the block size, so that
+// segments and tasks hold whole quantization blocks).
+static void make_tasks(const std::vector<int64_t>& sizes, std::vector<Seg>* segs, std::vector<int64_t>* task_start,
+                       int64_t seg_len = kSeg) {
   int64_t acc = 0;
   task_start->push_back(0);
   for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i) {
-    for (int64_t b = 0; b < sizes[i]; b += kSeg) {
-      const int64_t e = std::min(sizes[i], b + kSeg);
+    for (int64_t b = 0; b < sizes[i]; b += seg_len) {
+      const int64_t e = std::min(sizes[i], b + seg_len);
       segs->push_back({i, b, e});
       acc += e - b;
       if (acc >= kSeg) {
@@ -493,6 +497,180 @@ static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, 
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------- 8-bit moments (quantize_moments)
+// Per quantization block: decode m, v (and v_max) to float32, run step_segment on the
+// block (the float32 step, the same arithmetic and FMA contractions as above), encode the
+// new moments (adamx/_quant8.h). One pass: the block's float32 moments live in a small
+// scratch buffer. On an accumulation micro-step the moments do not move: codes and
+// scales are left as they are (re-encoding decoded values would not give them back).
+namespace q8 = adamx::quant8;
+
+struct QMaps {
+  const float* m_map;  // signed dynamic map (mu)
+  const float* v_map;  // unsigned dynamic map (nu, nu_max)
+  const q8::TableEncoder* m_enc;
+  const q8::TableEncoder* v_enc;
+};
+
+struct QLeaf {
+  void* p; const void* g;
+  uint8_t* mc; float* ms; uint8_t* vc; float* vs; uint8_t* xc; float* xs;
+  float* acc; float* ema;
+  float clip_denom; bool decay;
+  void (*fn)(const QLeaf&, const QMaps&, int64_t, int64_t, int64_t, const Sc&);
+};
+
+template <typename P, typename G, bool AMS, bool ACC, bool EMA>
+static void qstep_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e, int64_t bs, const Sc& s) {
+  std::vector<float> buf(static_cast<size_t>(3 * bs));
+  float* mf = buf.data();
+  float* vf = mf + bs;
+  float* xf = vf + bs;
+  P* p = static_cast<P*>(L.p);
+  const G* g = static_cast<const G*>(L.g);
+  const bool real = s.is_real || !ACC;
+  for (int64_t start = b; start < e; start += bs) {
+    const int64_t n = std::min(bs, e - start), blk = start / bs;
+    for (int64_t i = 0; i < n; ++i) {
+      mf[i] = q8::decode(mp.m_map, L.mc + start, L.ms[blk], static_cast<size_t>(i));
+      vf[i] = q8::decode(mp.v_map, L.vc + start, L.vs[blk], static_cast<size_t>(i));
+    }
+    if constexpr (AMS) {
+      for (int64_t i = 0; i < n; ++i) xf[i] = q8::decode(mp.v_map, L.xc + start, L.xs[blk], static_cast<size_t>(i));
+    }
+    step_segment<P, G, float, float, AMS, ACC, EMA>(p + start, g + start, mf, vf, xf, ACC ? L.acc + start : nullptr,
+                                                    EMA ? L.ema + start : nullptr, 0, n, s, L.clip_denom, L.decay);
+    if (real) {
+      q8::encode_block(*mp.m_enc, mf, static_cast<size_t>(n), L.mc + start, L.ms + blk);
+      q8::encode_block(*mp.v_enc, vf, static_cast<size_t>(n), L.vc + start, L.vs + blk);
+      if constexpr (AMS) q8::encode_block(*mp.v_enc, xf, static_cast<size_t>(n), L.xc + start, L.xs + blk);
+    }
+  }
+}
+
+using QStepFn = void (*)(const QLeaf&, const QMaps&, int64_t, int64_t, int64_t, const Sc&);
+
+template <typename P, typename G>
+static QStepFn qpick_flags(bool ams, bool acc, bool ema) {
+  const int k = (ams ? 4 : 0) | (acc ? 2 : 0) | (ema ? 1 : 0);
+  switch (k) {
+    case 0: return &qstep_segment<P, G, false, false, false>;
+    case 1: return &qstep_segment<P, G, false, false, true>;
+    case 2: return &qstep_segment<P, G, false, true, false>;
+    case 3: return &qstep_segment<P, G, false, true, true>;
+    case 4: return &qstep_segment<P, G, true, false, false>;
+    case 5: return &qstep_segment<P, G, true, false, true>;
+    case 6: return &qstep_segment<P, G, true, true, false>;
+    default: return &qstep_segment<P, G, true, true, true>;
+  }
+}
+
+static QStepFn qpick_step(DT p, DT g, bool ams, bool acc, bool ema) {
+  if (p == kF32 && g == kF32) return qpick_flags<float, float>(ams, acc, ema);
+  if (p == kBF16 && g == kBF16) return qpick_flags<bf16_t, bf16_t>(ams, acc, ema);
+  if (p == kBF16 && g == kF32) return qpick_flags<bf16_t, float>(ams, acc, ema);
+  if (p == kF16 && g == kF16) return qpick_flags<f16_t, f16_t>(ams, acc, ema);
+  if (p == kF16 && g == kF32) return qpick_flags<f16_t, float>(ams, acc, ema);
+  return nullptr;
+}
+
+struct QStepCtx {
+  const QLeaf* leaves;
+  const Seg* segs;
+  const int64_t* task_start;
+  QMaps maps;
+  int64_t bs;
+  Sc sc;
+};
+
+static void qstep_task(void* c, int64_t t) {
+  const auto* ctx = static_cast<const QStepCtx*>(c);
+  for (int64_t s = ctx->task_start[t]; s < ctx->task_start[t + 1]; ++s) {
+    const Seg& sg = ctx->segs[s];
+    const QLeaf& L = ctx->leaves[sg.leaf];
+    L.fn(L, ctx->maps, sg.begin, sg.end, ctx->bs, ctx->sc);
+  }
+}
+
+// 8-bit moments, tree state. Args: scalars f32[kNumScalars], clip denominators f32[L],
+// code maps f32[512] (signed then unsigned), then per leaf p, g, m codes u8[n], m scales
+// f32[nb], v codes, v scales[, v_max codes, v_max scales][, acc][, ema]; rets per leaf:
+// p, m codes, m scales, v codes, v scales[, v_max codes, scales][, acc][, ema], in place.
+// block: the quantization block size; nb = ceil(n / block).
+static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> denoms,
+                            ffi::Buffer<ffi::F32> maps, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                            ffi::Span<const int64_t> decay, int64_t ams, int64_t acc, int64_t ema, int64_t block) {
+  if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
+  if (maps.element_count() != 512) return bad("adamx: code maps must be f32[512]");
+  if (block < 1) return bad("adamx: block size must be positive");
+  const int64_t nq = 4 + (ams ? 2 : 0);
+  const int64_t nst = nq + (acc ? 1 : 0) + (ema ? 1 : 0);
+  const int64_t nin = 2 + nst, nout = 1 + nst;
+  const int64_t L = static_cast<int64_t>(decay.size());
+  if (static_cast<int64_t>(args.size()) != L * nin || static_cast<int64_t>(rets.size()) != L * nout)
+    return bad("adamx: operand count does not match the number of leaves");
+  if (static_cast<int64_t>(denoms.element_count()) != L) return bad("adamx: clip operand has the wrong size");
+  const Sc sc = read_scalars(scalars.typed_data());
+  const float* den = denoms.typed_data();
+  const float* m_map = maps.typed_data();
+  const float* v_map = m_map + 256;
+  const q8::TableEncoder m_enc(m_map), v_enc(v_map);
+  std::vector<QLeaf> leaves(L);
+  std::vector<int64_t> sizes(L);
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t a0 = i * nin, r0 = i * nout;
+    auto p = args.get<ffi::AnyBuffer>(a0);
+    auto g = args.get<ffi::AnyBuffer>(a0 + 1);
+    auto po = rets.get<ffi::AnyBuffer>(r0);
+    if (!p || !g || !po) return bad("adamx: could not decode a leaf");
+    const int64_t n = static_cast<int64_t>(p->element_count());
+    const int64_t nb = (n + block - 1) / block;
+    if (static_cast<int64_t>(g->element_count()) != n) return bad("adamx: leaf buffers differ in size");
+    void* st[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    for (int64_t k = 0; k < nst; ++k) {
+      auto x = args.get<ffi::AnyBuffer>(a0 + 2 + k);
+      auto xo = rets.get<ffi::AnyBuffer>(r0 + 1 + k);
+      if (!x || !xo) return bad("adamx: bad state buffer");
+      const bool is_codes = k < nq && k % 2 == 0;
+      const int64_t want_n = (k < nq && !is_codes) ? nb : n;
+      const ffi::DataType want_t = is_codes ? ffi::DataType::U8 : ffi::DataType::F32;
+      if (static_cast<int64_t>(x->element_count()) != want_n || x->element_type() != want_t)
+        return bad("adamx: bad 8-bit state buffer (codes u8[n], scales f32[ceil(n / block)], acc/ema f32[n])");
+      st[k] = inplace(*x, *xo);
+    }
+    QLeaf& lp = leaves[i];
+    lp.fn = qpick_step(dt_of(p->element_type()), dt_of(g->element_type()), ams != 0, acc != 0, ema != 0);
+    if (lp.fn == nullptr) return bad("adamx: unsupported dtype combination");
+    lp.p = inplace(*p, *po);
+    lp.g = g->untyped_data();
+    lp.mc = static_cast<uint8_t*>(st[0]); lp.ms = static_cast<float*>(st[1]);
+    lp.vc = static_cast<uint8_t*>(st[2]); lp.vs = static_cast<float*>(st[3]);
+    lp.xc = nullptr; lp.xs = nullptr; lp.acc = nullptr; lp.ema = nullptr;
+    int64_t k = 4;
+    if (ams) {
+      lp.xc = static_cast<uint8_t*>(st[4]);
+      lp.xs = static_cast<float*>(st[5]);
+      k = 6;
+    }
+    if (acc) lp.acc = static_cast<float*>(st[k++]);
+    if (ema) lp.ema = static_cast<float*>(st[k++]);
+    lp.clip_denom = den[i];
+    lp.decay = decay[i] != 0;
+    sizes[i] = n;
+  }
+  std::vector<Seg> segs;
+  std::vector<int64_t> task_start;
+  make_tasks(sizes, &segs, &task_start, std::max<int64_t>(1, kSeg / block) * block);
+  const int64_t ntasks = static_cast<int64_t>(task_start.size()) - 1;
+  if (ntasks <= 0) return ffi::Error::Success();
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{m_map, v_map, &m_enc, &v_enc}, block, sc};
+  parallel_for(pool, ntasks, total, &qstep_task, &ctx);
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------- sum of squares handler
 struct SumCtx {
   const std::vector<const void*>* g;
@@ -593,6 +771,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStep, StepImpl,
                                   .Attr<int64_t>("acc")
                                   .Attr<int64_t>("ema")
                                   .Attr<int64_t>("flat"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStepQ8, QStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("decay")
+                                  .Attr<int64_t>("ams")
+                                  .Attr<int64_t>("acc")
+                                  .Attr<int64_t>("ema")
+                                  .Attr<int64_t>("block"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                               ffi::Ffi::Bind()
