@@ -21,7 +21,7 @@ import numpy as np
 from adamx import _decay, _hyper, _tree, schedules
 
 ClipMode = Literal["none", "norm", "global_norm", "value"]
-StateField = Literal["mu", "nu", "nu_max", "acc", "ema"]
+StateField = Literal["mu", "nu", "nu_max", "acc", "ema", "comp"]
 STATE_FIELDS: tuple[StateField, ...] = ("mu", "nu", "nu_max", "acc", "ema")
 
 # The keys Keras 3's Adam.get_config() prints, in its order.
@@ -47,6 +47,9 @@ ADAMX_KEYS = (
     "exclude_from_weight_decay",
     "mu_dtype",
     "nu_dtype",
+    "param_rounding",
+    "seed",
+    "acc_dtype",
     "flat_state",
     "quantize_moments",
     "quantize_block_size",
@@ -54,6 +57,8 @@ ADAMX_KEYS = (
 )
 # a config writes the quantization options only when quantize_moments is on
 _QUANTIZE_DEFAULTS = ("quantize_moments", "quantize_block_size", "quantize_min_size")
+ParamRounding = Literal["nearest", "kahan", "stochastic"]
+PARAM_ROUNDINGS: tuple[ParamRounding, ...] = ("nearest", "kahan", "stochastic")
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
@@ -62,6 +67,9 @@ class AdamOptions(TypedDict, total=False):
 
     mu_dtype: Any
     nu_dtype: Any
+    param_rounding: ParamRounding
+    seed: int
+    acc_dtype: Any
     flat_state: bool
     quantize_moments: bool
     quantize_block_size: int
@@ -117,6 +125,17 @@ class AdamSpec:
 
     - ``mu_dtype``, ``nu_dtype``: storage dtypes of the moments (e.g. ``jnp.bfloat16``);
       default float32 for float32/bfloat16/float16 params (the params' dtype if wider).
+    - ``param_rounding``: how a bfloat16/float16 param receives its update
+      (docs/mixed_precision.md). ``"nearest"`` (default, Keras): ``p + u`` rounded to
+      nearest, so updates under half a spacing of the param vanish. ``"kahan"``: the
+      rounding error is kept in a compensation buffer in the param's dtype (state field
+      ``comp``) and added to the next update. ``"stochastic"``: ``p + u`` rounded up or
+      down at random with probability proportional to the distance (unbiased), the random
+      bits a hash of ``(seed, count, leaf index, element index)``. float32 params: all three
+      are ``"nearest"``.
+    - ``seed``: the int seed of ``"stochastic"`` rounding.
+    - ``acc_dtype``: storage dtype of the gradient-accumulation buffer (default float32 at
+      least; e.g. ``jnp.bfloat16`` halves its memory, see docs/mixed_precision.md).
     - ``flat_state``: keep each per-parameter state field (``mu``, ``nu``, ``nu_max``,
       ``acc``, ``ema``) as one flat 1-D buffer per dtype (:class:`adamx.FlatBuffers`,
       params' leaves in tree order) instead of a tree like params. Same numbers; for
@@ -161,6 +180,9 @@ class AdamSpec:
     weight_decay_mask: _decay.MaskOrFn = None
     mu_dtype: Any = None
     nu_dtype: Any = None
+    param_rounding: ParamRounding = "nearest"
+    seed: int = 0
+    acc_dtype: Any = None
     flat_state: bool = False
     quantize_moments: bool = False
     quantize_block_size: int = 256
@@ -205,6 +227,7 @@ class AdamSpec:
         if wdm is not None and not callable(wdm) and not isinstance(wdm, (dict, list, tuple, bool)):
             if not hasattr(wdm, "__dataclass_fields__"):
                 jax.tree_util.tree_structure(wdm)  # must at least be a pytree
+        self._check_mixed_precision()
         if not isinstance(self.name, str):
             raise TypeError(f"`name` must be a str, got {self.name!r}.")
         check_moment_dtype("mu_dtype", self.mu_dtype)
@@ -226,6 +249,19 @@ class AdamSpec:
                 "`quantize_moments=True` cannot be combined with `flat_state=True` (8-bit moments are "
                 "per-leaf QuantizedArray state); use one of the two."
             )
+
+    def _check_mixed_precision(self) -> None:
+        if self.param_rounding not in PARAM_ROUNDINGS:
+            raise ValueError(f"`param_rounding` must be one of {PARAM_ROUNDINGS}, got {self.param_rounding!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"`seed` must be an int, got {self.seed!r}.")
+        if self.acc_dtype is not None:
+            try:
+                dt = jnp.dtype(self.acc_dtype)
+            except TypeError as e:
+                raise TypeError(f"`acc_dtype` must be a floating dtype or None, got {self.acc_dtype!r}.") from e
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(f"`acc_dtype` must be a floating dtype or None, got {dt.name}.")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -267,15 +303,16 @@ class AdamSpec:
 
     @property
     def needs_params(self) -> bool:
-        """``update`` must be given the params (weight decay and the EMA read them; flat state too;
-        8-bit moments take their leaves' shapes from them)."""
-        return self.decay_on or self.use_ema or self.quantize_moments
+        """``update`` must be given the params (weight decay, the EMA and param_rounding read them; flat
+        state too; 8-bit moments take their leaves' shapes from them)."""
+        return self.decay_on or self.use_ema or self.quantize_moments or self.param_rounding != "nearest"
 
     @property
     def fields_on(self) -> tuple[StateField, ...]:
         """The per-parameter state fields this spec keeps (the others hold ``None``)."""
         on = {"mu": True, "nu": True, "nu_max": self.amsgrad, "acc": self.window is not None, "ema": self.use_ema}
-        return tuple(f for f in STATE_FIELDS if on[f])
+        kahan: tuple[StateField, ...] = ("comp",) if self.param_rounding == "kahan" else ()
+        return tuple(f for f in STATE_FIELDS if on[f]) + kahan
 
     def quantized_leaves(self, params: Any) -> list[bool]:
         """Which leaves of ``params`` keep 8-bit ``mu``/``nu``/``nu_max`` (leaf order).
@@ -303,6 +340,10 @@ class AdamSpec:
             return _tree.state_dtype(param_dtype, self.mu_dtype)
         if field in ("nu", "nu_max"):  # real also for complex params: the moment of |g|^2 (optax)
             return _tree.state_dtype(_tree.real_dtype(param_dtype), self.nu_dtype)
+        if field == "acc":
+            return _tree.state_dtype(param_dtype, self.acc_dtype)
+        if field == "comp":  # kahan compensation: in the param's dtype
+            return jnp.dtype(param_dtype)
         return _tree.compute_dtype(param_dtype)  # acc, ema: float32 at least
 
     # ------------------------------------------------------------------ Keras config
@@ -339,6 +380,10 @@ class AdamSpec:
                 extra.pop(k, None)
         if self.quantize_mask is not None:
             raise ValueError("`quantize_mask` cannot be written into a config.")
+        if extra.get("param_rounding") == "nearest":
+            extra.pop("param_rounding")
+        if extra.get("seed") == 0:
+            extra.pop("seed")
         if not include_adamx:
             extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
         if extra and not include_adamx:
@@ -351,6 +396,8 @@ class AdamSpec:
                 out[k] = bool(v)
             elif k in ("quantize_block_size", "quantize_min_size"):
                 out[k] = int(v)
+            elif k in ("param_rounding", "seed"):
+                out[k] = v
             else:
                 out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
         return out

@@ -34,6 +34,35 @@ class AdamState(NamedTuple):
     ema: optax.Params | None  # use_ema: moving average of params (float32 at least), else None
 
 
+class KahanAdamState(NamedTuple):
+    """State of :func:`adamx.adam` with ``param_rounding="kahan"``: :class:`AdamState`'s six
+    fields and ``comp``. Field names are the checkpoint format.
+
+    A separate class, not a seventh ``AdamState`` field that is ``None`` when off: Orbax
+    refuses to restore a checkpoint written with the six-field ``AdamState`` into a target
+    with another field (``tests/test_param_rounding.py`` checks both).
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32; as AdamState.count
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_max: optax.Updates | None
+    acc: optax.Updates | None
+    ema: optax.Params | None
+    comp: optax.Params  # like params, in each param's dtype: the rounding error the params still owe
+
+
+AnyAdamState = AdamState | KahanAdamState
+
+
+def make_state(spec: AdamSpec, count: jax.Array, fields: dict[str, Any]) -> Any:
+    """The state class ``spec`` uses (:class:`KahanAdamState` for kahan rounding), from its fields."""
+    base = {f: fields.get(f) for f in STATE_FIELDS}
+    if spec.param_rounding == "kahan":
+        return KahanAdamState(count=count, comp=fields["comp"], **base)
+    return AdamState(count=count, **base)
+
+
 def _buffer(spec: AdamSpec, field: StateField, p: Any) -> jax.Array:
     dt = spec.state_dtype(field, jnp.result_type(p))
     # the average starts as a fresh copy of params (never their own buffers: donation)
@@ -62,7 +91,7 @@ def _quantized_tree(spec: AdamSpec, field: StateField, params: optax.Params) -> 
 def init(spec: AdamSpec, params: optax.Params) -> AdamState:
     """The initial state: count 0, zero moments and accumulator, the average a copy of params."""
     on = spec.fields_on
-    fields: dict[str, Any] = {f: None for f in STATE_FIELDS}
+    fields: dict[str, Any] = {f: None for f in on}
     if spec.flat_state:
         leaves = jax.tree_util.tree_leaves(params)
         for f in on:
@@ -74,7 +103,7 @@ def init(spec: AdamSpec, params: optax.Params) -> AdamState:
                 fields[f] = _quantized_tree(spec, f, params)
             else:
                 fields[f] = jax.tree.map(lambda p, f=f: _buffer(spec, f, p), params)
-    return AdamState(count=jnp.zeros([], jnp.int32), **fields)
+    return make_state(spec, jnp.zeros([], jnp.int32), fields)
 
 
 def layout(spec: AdamSpec, field: StateField, leaves: list[Any]) -> _flat.Layout:
@@ -82,8 +111,6 @@ def layout(spec: AdamSpec, field: StateField, leaves: list[Any]) -> _flat.Layout
     return _flat.layout(leaves, lambda p: spec.state_dtype(field, jnp.result_type(p)))
 
 
-def next_state(spec: AdamSpec, n: jax.Array, wrap: Any, fields: dict[str, Any]) -> AdamState:
+def next_state(spec: AdamSpec, n: jax.Array, wrap: Any, fields: dict[str, Any]) -> Any:
     """The state after a step: each on field's leaves wrapped (as a tree or flat buffers)."""
-    return AdamState(
-        count=optax.safe_increment(n), **{f: wrap(fields[f]) if f in spec.fields_on else None for f in STATE_FIELDS}
-    )
+    return make_state(spec, optax.safe_increment(n), {f: wrap(fields[f]) for f in spec.fields_on})

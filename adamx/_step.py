@@ -17,6 +17,7 @@ One call (Keras ``optimizer.apply``), with ``n`` earlier calls, ``k`` the window
     g   = clip(g)                                  # per unit, per leaf slice, or global
     m, v, v_max, d = moments(g)                    # Keras kernel form, epsilon hat
     u   = -d - lr * wd * p                         # descent (decayed leaves)
+    u   = receive(p, u)                            # param_rounding (bf16/f16 params; adamx._rounding)
     ema = mom * ema + (1 - mom) * (p + u)          # average; overwrite: u = ema - p
 """
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _tree
+from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _rounding, _tree
 from adamx._spec import AdamSpec, StateField
 from adamx._state import AdamState, code_map, layout, next_state
 
@@ -114,14 +115,17 @@ def window_mean(spec: AdamSpec, g_u: list[Any], acc_u: list[Any]) -> tuple[list[
     """The last micro-step of a window: the mean gradient, accumulators reset."""
     kf = _f32(spec.window)
     return (
-        [None if g is None else (g + a) / kf.astype(g.dtype) for g, a in zip(g_u, acc_u)],
+        [None if g is None else (g + a.astype(g.dtype)) / kf.astype(g.dtype) for g, a in zip(g_u, acc_u)],
         [jnp.zeros_like(a) for a in acc_u],
     )
 
 
 def accumulate(g_u: list[Any], acc_u: list[Any]) -> list[Any]:
-    """A micro-step: gradients added to the accumulators."""
-    return [a if g is None else a + g.astype(a.dtype) for g, a in zip(g_u, acc_u)]
+    """A micro-step: gradients added to the accumulators (in the wider dtype, rounded once)."""
+    return [
+        a if g is None else (a.astype(jnp.promote_types(a.dtype, g.dtype)) + g).astype(a.dtype)
+        for g, a in zip(g_u, acc_u)
+    ]
 
 
 def clip(
@@ -207,6 +211,21 @@ def descent(sc: Scalars, d: Any, p: Any, decay: bool, dtype: Any) -> Any:
     if decay:
         u = u - (p.astype(d.dtype) * sc.wd.astype(d.dtype)) * sc.lr.astype(d.dtype)
     return u.astype(dtype)
+
+
+def receive(spec: AdamSpec, n: jax.Array, leaf: int, u: Any, p: Any, comp: Any) -> tuple[Any, Any]:
+    """``param_rounding`` on leaf number ``leaf``: the float32 update ``u`` of a narrow param
+    ``p`` becomes ``(update in p's dtype, new compensation)`` (see :mod:`adamx._rounding`)."""
+    r = None
+    if spec.param_rounding == "stochastic":
+        r = _rounding.uniforms(_rounding.leaf_key(spec.seed, n, leaf), tuple(jnp.shape(p)))
+    upd, new_comp = _rounding.receive(spec.param_rounding, p, u, comp, r)
+    return upd, (comp if new_comp is None else new_comp)
+
+
+def rounds(spec: AdamSpec, p: Any) -> bool:
+    """Whether ``param_rounding`` changes how ``p`` receives its update (narrow float params)."""
+    return spec.param_rounding != "nearest" and p is not None and _rounding.narrow(jnp.result_type(p))
 
 
 def average(sc: Scalars, ema: Any, p_new: Any) -> Any:
@@ -296,20 +315,30 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     n = state.count
     g_l = unscale(spec, g_l)
     keep = _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * nl
+    kahan = spec.param_rounding == "kahan"
+    comp_l = flat(state.comp) if kahan else []
 
     def finish(d_l: list[Any], sc: Scalars) -> list[Any]:
-        return [
+        u_l = [
             None if d is None else descent(sc, d, p, dec, g.dtype if p is None else jnp.result_type(p))
             for g, p, d, dec in zip(g_l, p_l, d_l, keep)
         ]
+        c_l = list(comp_l)
+        for i, (p, d, dec) in enumerate(zip(p_l, d_l, keep)):
+            if d is not None and rounds(spec, p):
+                u_l[i], c = receive(spec, n, i, descent(sc, d, p, dec, d.dtype), p, c_l[i] if kahan else None)
+                if kahan:
+                    c_l[i] = c
+        return u_l + c_l  # the compensation rides along (lax.cond under accumulation)
 
     def idle(g_l: list[Any]) -> list[Any]:
         return [
             None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.result_type(p))
             for g, p in zip(g_l, p_l)
-        ]
+        ] + list(comp_l)
 
     u_l, st = direction(spec, n, lambda: scalars(spec, n), g_l, st, finish=finish, idle=idle)
+    u_l, comp_l = u_l[:nl], u_l[nl:]
     ema_l = None
     if spec.use_ema:
         u_l, ema_l = _averaging.ema_step(
@@ -317,7 +346,7 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
         )
     u_l = [zeros_for_none(u, p, fr) for u, p, fr in zip(u_l, p_l, frozen)]
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-    fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema_l}
+    fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema_l, "comp": comp_l}
     return unflat(u_l), next_state(spec, n, unflat, fields)
 
 
@@ -370,6 +399,8 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     ):
         return None
     if any(tuple(s.group for s in layout(spec, f, p_l).slots) != groups for f in on):
+        return None
+    if any(rounds(spec, p) for p in p_l):  # param_rounding works per leaf: the leaf-wise path
         return None
     bufs = {f: _flat.checked_buffers(getattr(state, f), lay, f) for f in on}
     ng = len(lay.dtypes)
@@ -434,7 +465,7 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
             for i, p in enumerate(p_l):
                 to_avg = (piece(ema, i) - p.astype(lay.dtypes[lay.slots[i].group])).astype(p.dtype)
                 u_l[i] = jnp.where(sc.overwrite, to_avg, u_l[i])
-    fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema}
+    fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema, "comp": bufs.get("comp")}
     fb = lambda xs: _flat.FlatBuffers(tuple(xs))  # noqa: E731
     return jax.tree_util.tree_unflatten(treedef, u_l), next_state(spec, n, fb, fields)
 
