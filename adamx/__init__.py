@@ -33,6 +33,7 @@ from adamx._quantize import bytes_per_param as state_bytes_per_param
 from adamx._spec import AdamOptions as AdamOptions
 from adamx._spec import AdamSpec as AdamSpec
 from adamx._state import AdamState as AdamState
+from adamx._state import KahanAdamState as KahanAdamState
 from adamx._tf1 import Tf1AdamState as Tf1AdamState
 from adamx._tf1 import tf1_adam as tf1_adam
 
@@ -46,6 +47,7 @@ __all__ = [
     "AdamOptions",
     "AdamSpec",
     "AdamState",
+    "KahanAdamState",
     "EmaParamsState",
     "FlatBuffers",
     "LazyAdam",

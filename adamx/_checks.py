@@ -18,7 +18,7 @@ import numpy as np
 
 from adamx import _flat, _tree
 from adamx._spec import STATE_FIELDS, AdamSpec
-from adamx._state import AdamState, layout
+from adamx._state import AdamState, KahanAdamState, layout
 
 # The option that switches each optional state field on.
 _OPTION_OF = {
@@ -82,10 +82,16 @@ def check_state(spec: AdamSpec, state: Any, params: Any, grads: Any = None) -> N
     buffers, and each field's tree structure, shapes and dtypes (``spec.state_dtype``).
     Without params (tree state) the fields are checked against ``mu``.
     """
-    if not isinstance(state, AdamState):
+    if not isinstance(state, (AdamState, KahanAdamState)):
         raise ValueError(
             f"`state` is a {type(state).__name__}, not the AdamState of adamx.adam: it was built by another "
             f"optimizer; {_REBUILD}."
+        )
+    if isinstance(state, KahanAdamState) != (spec.param_rounding == "kahan"):
+        want = "KahanAdamState" if spec.param_rounding == "kahan" else "AdamState"
+        raise ValueError(
+            f"`state` is a {type(state).__name__}, but this optimizer (param_rounding={spec.param_rounding!r}) "
+            f"keeps a {want}; build the state with this optimizer's `init`."
         )
     c = _shape_dtype(state.count)
     if c is None or c[0] != () or not jnp.issubdtype(c[1], jnp.integer):

@@ -61,6 +61,13 @@ def leaf_key(seed: int, count: jax.Array, leaf: int) -> jax.Array:
     return mix(mix(s ^ _u32(count)) + jnp.uint32((leaf * GOLDEN) & 0xFFFFFFFF))
 
 
+def leaf_keys(seed: int, count: jax.Array, n_leaves: int) -> jax.Array:
+    """``leaf_key(seed, count, i)`` for ``i < n_leaves``, as one uint32 array (the fused kernel's operand)."""
+    s = mix(jnp.uint32(int(seed) & 0xFFFFFFFF))
+    i = jax.lax.iota(jnp.uint32, n_leaves)
+    return mix(mix(s ^ _u32(count)) + i * jnp.uint32(GOLDEN))
+
+
 def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """float32 uniforms in ``[0, 1)`` (multiples of 2**-24), one per element of ``shape``."""
     size = int(np.prod(shape, dtype=np.int64))
@@ -70,9 +77,19 @@ def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
-    """``x`` (float32) rounded to nearest in ``dtype``, kept in float32."""
+    """``x`` (float32) rounded to nearest in ``dtype``, kept in float32.
+
+    ``reduce_precision`` flushes values under ``dtype``'s smallest normal to zero; float16's
+    subnormals (normal float32 values) are rounded by adding and removing ``2**(nmant - 24)``
+    instead, which leaves ``x`` rounded to a multiple of their spacing ``2**-24``.
+    """
     fi = jnp.finfo(dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    rp = jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    if jnp.dtype(dtype) != jnp.dtype(jnp.float16):
+        return rp  # bfloat16's subnormals are float32's: flushed on CPU in both paths
+    c = jnp.float32(0.5)  # ulp(0.5) = 2**-24, float16's subnormal spacing
+    sub = (x + c) - c
+    return jnp.where(jnp.abs(x) < jnp.float32(fi.smallest_normal), sub, rp)
 
 
 def stochastic(x: jax.Array, dtype: Any, r: jax.Array) -> jax.Array:

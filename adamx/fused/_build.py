@@ -26,7 +26,7 @@ from adamx._step import Scalars
 
 log = logging.getLogger("adamx")
 
-ABI = 2
+ABI = 3
 STEP_TARGET = "adamx_fused_step_v2"
 SUMSQ_TARGET = "adamx_fused_sumsq_v2"
 Q8_TARGET = "adamx_fused_step_q8_v2"  # quantize_moments: 8-bit mu/nu/nu_max

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamx import _clipping, _decay, _step
+from adamx import _clipping, _decay, _rounding, _step
 from adamx._flat import FlatBuffers
 from adamx._quantize import QuantizedArray
-from adamx._state import AdamState, code_map
+from adamx._state import AnyAdamState, code_map, make_state
 from adamx.fused import _build
 from adamx.fused._plan import Plan
 
@@ -23,11 +23,15 @@ OPERANDS_PER_CALL = 64
 FLAT_OPERANDS_PER_CALL = 256
 
 
-def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
+ROUNDING_CODES = {"nearest": 0, "kahan": 1, "stochastic": 2}
+
+
+def run(pl: Plan, state: AnyAdamState, params: Any) -> tuple[Any, Any]:
     """One fused step: ``(new_params, new_state)``, the numbers of ``update`` + ``apply_updates``."""
     spec = pl.spec
     g_l, p_l, treedef = pl.grads, pl.params, pl.treedef
     mu_l, nu_l, nm_l, acc_l, ema_l, offsets = pl.mu, pl.nu, pl.nu_max, pl.acc, pl.ema, pl.offsets
+    comp_l = pl.comp
     n = state.count
     keep = (
         _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * len(g_l)
@@ -46,7 +50,7 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
     # XLA's compile time grows faster than linearly with the operand count of one custom
     # call; calls of about OPERANDS_PER_CALL operands keep it linear in the leaf count.
     flat = offsets is not None
-    n_state = 2 + sum(x is not None for x in (nm_l, acc_l, ema_l))
+    n_state = 2 + sum(x is not None for x in (nm_l, acc_l, ema_l, comp_l))
     per_leaf = 2 if flat else 2 + n_state
     per_call = max(1, (FLAT_OPERANDS_PER_CALL - n_state) // per_leaf) if flat else max(1, OPERANDS_PER_CALL // per_leaf)
     groups = [range(i, min(L, i + per_call)) for i in range(0, L, per_call)]
@@ -83,15 +87,22 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
     # passed to the kernel, which ignores it, so it is not removed.
     hint = jnp.full((16, 16), scal[0]) @ jnp.full((16, 16), scal[1])
     scal = jnp.concatenate([scal, hint[:1, 0] * 0.0])
-    attrs = dict(ams=np.int64(nm_l is not None), acc=np.int64(has_acc), ema=np.int64(ema_l is not None))
+    attrs = dict(
+        ams=np.int64(nm_l is not None),
+        acc=np.int64(has_acc),
+        ema=np.int64(ema_l is not None),
+        rounding=np.int64(ROUNDING_CODES[spec.param_rounding]),
+    )
+    # stochastic rounding's per-leaf keys (adamx._rounding); unused by the other modes
+    keys = _rounding.leaf_keys(spec.seed, n, L) if spec.param_rounding == "stochastic" else jnp.zeros((L,), jnp.uint32)
     if flat:
         # the state buffers go through the calls in turn, each updating its leaves in place
-        st = [x for x in (mu_l, nu_l, nm_l, acc_l, ema_l) if x is not None]
+        st = [x for x in (mu_l, nu_l, nm_l, acc_l, ema_l, comp_l) if x is not None]
         new_p: list[Any] = []
         for grp in groups:
-            ops: list[Any] = [scal, denoms[grp.start : grp.stop], *st]
+            ops: list[Any] = [scal, denoms[grp.start : grp.stop], keys[grp.start : grp.stop], *st]
             outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in st]
-            aliases = {2 + k: k for k in range(len(st))}
+            aliases = {3 + k: k for k in range(len(st))}
             for i in grp:
                 p = jnp.asarray(p_l[i])
                 aliases[len(ops)] = len(outs)
@@ -108,10 +119,9 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
             new_p.extend(r[len(st) :])
         it = iter(st)
         fb = lambda x: None if x is None else FlatBuffers((next(it),))  # noqa: E731
-        new_mu, new_nu, new_nm, new_acc, new_ema = (fb(x) for x in (mu_l, nu_l, nm_l, acc_l, ema_l))
-        new_state = AdamState(
-            count=optax.safe_increment(n), mu=new_mu, nu=new_nu, nu_max=new_nm, acc=new_acc, ema=new_ema
-        )
+        new_mu, new_nu, new_nm, new_acc, new_ema, new_comp = (fb(x) for x in (mu_l, nu_l, nm_l, acc_l, ema_l, comp_l))
+        fields = dict(mu=new_mu, nu=new_nu, nu_max=new_nm, acc=new_acc, ema=new_ema, comp=new_comp)
+        new_state = make_state(spec, optax.safe_increment(n), fields)
         return jax.tree_util.tree_unflatten(treedef, new_p), new_state
 
     quantized = pl.quantized or [False] * L
@@ -120,14 +130,14 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
         if any(quantized[i] for i in grp):
             res.extend(_run_groups(pl, grp, scal, denoms, keep, attrs, quantized))
             continue
-        ops = [scal, denoms[grp.start : grp.stop]]
+        ops = [scal, denoms[grp.start : grp.stop], keys[grp.start : grp.stop]]
         outs = []
         aliases = {}
         for i in grp:
             p, g = jnp.asarray(p_l[i]), g_l[i]
             leaf_in = [p, g, mu_l[i], nu_l[i]]
             leaf_out = [p, mu_l[i], nu_l[i]]
-            for lst in (nm_l, acc_l, ema_l):
+            for lst in (nm_l, acc_l, ema_l, comp_l):
                 if lst is not None:
                     leaf_in.append(lst[i])
                     leaf_out.append(lst[i])
@@ -149,21 +159,17 @@ def run(pl: Plan, state: AdamState, params: Any) -> tuple[Any, AdamState]:
     col = lambda j: [res[i * per + j] for i in range(L)]  # noqa: E731
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     j = 3
-    new_nm = new_acc = new_ema = None
+    new_nm = new_acc = new_ema = new_comp = None
     if nm_l is not None:
         new_nm, j = unflat(col(j)), j + 1
     if has_acc:
         new_acc, j = unflat(col(j)), j + 1
     if ema_l is not None:
-        new_ema = unflat(col(j))
-    new_state = AdamState(
-        count=optax.safe_increment(n),
-        mu=unflat(col(1)),
-        nu=unflat(col(2)),
-        nu_max=new_nm,
-        acc=new_acc,
-        ema=new_ema,
-    )
+        new_ema, j = unflat(col(j)), j + 1
+    if comp_l is not None:
+        new_comp = unflat(col(j))
+    fields = dict(mu=unflat(col(1)), nu=unflat(col(2)), nu_max=new_nm, acc=new_acc, ema=new_ema, comp=new_comp)
+    new_state = make_state(spec, optax.safe_increment(n), fields)
     return unflat(col(0)), new_state
 
 

@@ -20,11 +20,12 @@ import numpy as np
 from adamx import _checks, _quantize, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec
-from adamx._state import AdamState
+from adamx._state import AdamState, AnyAdamState, KahanAdamState
 from adamx.fused import _build
 
 PARAM_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
 MOMENT_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)})
+ACC_DTYPES = MOMENT_DTYPES
 
 
 def _any(value: Any) -> str | None:
@@ -35,6 +36,12 @@ def _moment_dtype(value: Any) -> str | None:
     if value is None or jnp.dtype(value) in MOMENT_DTYPES:
         return None
     return f"unsupported moment dtypes ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
+
+
+def _acc_dtype(value: Any) -> str | None:
+    if value is None or jnp.dtype(value) in ACC_DTYPES:
+        return None
+    return f"unsupported accumulator dtype ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
 
 
 # Every spec option the kernel implements: a check of its value (``None``: supported).
@@ -57,6 +64,9 @@ SUPPORTED: dict[str, Callable[[Any], str | None]] = {
     "weight_decay_mask": _any,
     "mu_dtype": _moment_dtype,
     "nu_dtype": _moment_dtype,
+    "param_rounding": _any,
+    "seed": _any,
+    "acc_dtype": _acc_dtype,
     "flat_state": _any,
     "quantize_moments": _any,
     "quantize_block_size": _any,
@@ -95,6 +105,7 @@ class Plan(NamedTuple):
     ema: Any
     offsets: np.ndarray | None  # flat state: each leaf's offset in the buffers; tree state: None
     quantized: list[bool] | None = None  # tree state: which leaves hold 8-bit mu/nu/nu_max (QuantizedArray)
+    comp: Any = None  # param_rounding="kahan": the compensation (like mu); else None
 
 
 def is_sharded(x: Any) -> bool:
@@ -131,12 +142,14 @@ def _leaf_dtype_problem(g: Any, p: Any) -> str | None:
 def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan | None]:
     """``(None, plan)`` when the fused kernel applies, else ``(reason, None)``."""
     spec = getattr(tx, "spec", None)
-    if not isinstance(spec, AdamSpec) or not isinstance(state, AdamState):
+    if not isinstance(spec, AdamSpec) or not isinstance(state, (AdamState, KahanAdamState)):
         if isinstance(spec, AdamSpec):
             _checks.check_state(spec, state, params)  # raises: a wrong state is an error, not a fallback
         return "not an adamx.adam optimizer and its AdamState", None
     _checks.check_state(spec, state, params)
     reason = unsupported_option(spec)
+    if not reason and spec.quantize_moments and (spec.param_rounding != "nearest" or spec.acc_dtype is not None):
+        reason = "option `param_rounding`/`acc_dtype` with quantize_moments: the 8-bit kernel rounds to nearest"
     if reason:
         return reason, None
     if params is None:
@@ -148,20 +161,26 @@ def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan
     g_l, p_l, treedef = _tree.align_grads(grads, params)
     if any(g is None for g in g_l):
         return "a gradient is None", None
+    kahan_state = isinstance(state, KahanAdamState)
     if (state.nu_max is not None) != spec.amsgrad or (state.ema is not None) != spec.use_ema:
+        return "optimizer state does not match the optimizer's options", None
+    if kahan_state != (spec.param_rounding == "kahan") or (state.acc is not None) != (spec.window is not None):
         return "optimizer state does not match the optimizer's options", None
     if isinstance(state.mu, FlatBuffers):
         return _plan_flat(spec, state, g_l, p_l, treedef)
     return _plan_tree(spec, state, g_l, p_l, treedef)
 
 
-def _plan_tree(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: Any) -> tuple[str | None, Plan | None]:
+def _plan_tree(
+    spec: AdamSpec, state: AnyAdamState, g_l: list, p_l: list, treedef: Any
+) -> tuple[str | None, Plan | None]:
     flat = treedef.flatten_up_to
     try:
         mu_l, nu_l = flat(state.mu), flat(state.nu)
         nm_l = flat(state.nu_max) if state.nu_max is not None else None
         acc_l = flat(state.acc) if state.acc is not None else None
         ema_l = flat(state.ema) if state.ema is not None else None
+        comp_l = flat(state.comp) if isinstance(state, KahanAdamState) else None
     except (ValueError, TypeError):
         return "optimizer state does not match params", None
     f32 = jnp.dtype(jnp.float32)
@@ -187,12 +206,13 @@ def _plan_tree(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: 
         shape = tuple(jnp.shape(p))
         if any(tuple(x.shape) != shape for x in (m, v)):
             return "optimizer state shapes do not match params", None
-        for lst, want in ((nm_l, v.dtype), (acc_l, f32), (ema_l, f32)):
+        pd = jnp.dtype(jnp.result_type(p))
+        for lst, want in ((nm_l, v.dtype), (acc_l, spec.state_dtype("acc", pd)), (ema_l, f32), (comp_l, pd)):
             if lst is not None and (jnp.dtype(lst[i].dtype) != jnp.dtype(want) or tuple(lst[i].shape) != shape):
                 return "optimizer state dtypes or shapes are not the expected ones", None
         if any(is_sharded(x) for x in (p, g, m, v)):
             return "arrays are sharded over several devices", None
-    return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None, quantized)
+    return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None, quantized, comp_l)
 
 
 def _quantized_leaf_problem(spec: AdamSpec, g: Any, p: Any, m: Any, v: Any, vm: Any) -> str | None:
@@ -214,14 +234,16 @@ def _quantized_leaf_problem(spec: AdamSpec, g: Any, p: Any, m: Any, v: Any, vm: 
     return None
 
 
-def _plan_flat(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: Any) -> tuple[str | None, Plan | None]:
+def _plan_flat(
+    spec: AdamSpec, state: AnyAdamState, g_l: list, p_l: list, treedef: Any
+) -> tuple[str | None, Plan | None]:
     """The plan for ``flat_state=True``: each state field one 1-D buffer, leaves at offsets."""
     f32 = jnp.dtype(jnp.float32)
     sizes = [int(np.prod(jnp.shape(p), dtype=np.int64)) for p in p_l]
     total = int(sum(sizes))
     fields: dict[str, Any] = {}
-    for name in ("mu", "nu", "nu_max", "acc", "ema"):
-        field = getattr(state, name)
+    for name in ("mu", "nu", "nu_max", "acc", "ema", "comp"):
+        field = getattr(state, name, None)
         if field is None:
             fields[name] = None
             continue
@@ -236,8 +258,10 @@ def _plan_flat(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: 
         return f"unsupported moment dtypes ({mu.dtype}, {nu.dtype})", None
     if fields["nu_max"] is not None and fields["nu_max"].dtype != nu.dtype:
         return "optimizer state dtypes or shapes are not the expected ones", None
-    for name in ("acc", "ema"):
-        if fields[name] is not None and jnp.dtype(fields[name].dtype) != f32:
+    pds = {jnp.dtype(jnp.result_type(p)) for p in p_l}
+    want = {"ema": {f32}, "acc": {spec.state_dtype("acc", d) for d in pds}, "comp": pds}
+    for name in ("acc", "ema", "comp"):
+        if fields[name] is not None and {jnp.dtype(fields[name].dtype)} != want[name]:
             return "optimizer state dtypes or shapes are not the expected ones", None
     for g, p in zip(g_l, p_l):
         reason = _leaf_dtype_problem(g, p)
@@ -248,5 +272,7 @@ def _plan_flat(spec: AdamSpec, state: AdamState, g_l: list, p_l: list, treedef: 
     if any(is_sharded(b) for b in fields.values() if b is not None):
         return "arrays are sharded over several devices", None
     offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]]).astype(np.int64) if sizes else None
-    plan = Plan(spec, g_l, p_l, treedef, mu, nu, fields["nu_max"], fields["acc"], fields["ema"], offsets)
+    plan = Plan(
+        spec, g_l, p_l, treedef, mu, nu, fields["nu_max"], fields["acc"], fields["ema"], offsets, comp=fields["comp"]
+    )
     return None, plan

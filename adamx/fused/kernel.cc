@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -125,14 +126,47 @@ static Sc read_scalars(const float* s) {
   return c;
 }
 
+// ---------------------------------------------------------------- param_rounding
+// The same arithmetic as adamx/_rounding.py (read its docstring): MurmurHash3's finalizer
+// as a counter-based hash, and stochastic rounding to one of the two neighbours in P.
+static inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// x (f32) rounded up or down to a P value: up with probability (x - lo) / (hi - lo).
+template <typename P> static inline float stochastic_round(float x, uint32_t h) {
+  const P qs = st<P>(x);
+  const float q = ld(qs);
+  uint16_t bits;
+  std::memcpy(&bits, &qs, 2);
+  const bool away = (x > q) == (q > 0.0f);
+  const uint16_t step = static_cast<uint16_t>(away ? bits + 1u : bits - 1u);
+  const uint16_t tiny = x < 0.0f ? uint16_t{0x8001} : uint16_t{0x0001};
+  const uint16_t ob = (bits & 0x7fffu) == 0 ? tiny : step;
+  P os;
+  std::memcpy(&os, &ob, 2);
+  const float o = ld(os);
+  const float lo = q < o ? q : o, hi = q < o ? o : q;
+  const float r = static_cast<float>(h >> 8) * 0x1p-24f;
+  const bool up = r * (hi - lo) < (x - lo);
+  return (std::isfinite(q) && q != x) ? (up ? hi : lo) : q;
+}
+
 // ---------------------------------------------------------------- per-segment kernels
 // The arithmetic below mirrors adamx.adam's reference step (adamx/_step.py) op by op,
 // in float32; every feature switch is a select on values computed unconditionally, so
 // the loop stays branch-free and vectorizes.
-template <typename P, typename G, typename M, typename V, bool AMS, bool ACC, bool EMA>
+// A: the accumulator's storage type. RND: param_rounding is kahan (comp != nullptr) or
+// stochastic (comp == nullptr), only for bf16/f16 params; nearest otherwise.
+template <typename P, typename G, typename M, typename V, typename A, bool RND, bool AMS, bool ACC, bool EMA>
 static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m, V* __restrict v,
-                         V* __restrict vmax, float* __restrict acc, float* __restrict ema, int64_t b,
-                         int64_t e, const Sc& s, float clip_denom, bool decay) {
+                         V* __restrict vmax, A* __restrict acc, float* __restrict ema, P* __restrict comp,
+                         uint32_t key, int64_t b, int64_t e, const Sc& s, float clip_denom, bool decay) {
   const float c1 = s.c1, c2 = s.c2, alpha = s.alpha, eps = s.eps, lr = s.lr, wd = s.wd;
   const float lsf = s.lsf, kf = s.kf, clip_c = s.clip_c, clip_scale = s.clip_scale;
   const float mom = s.mom, one_m = s.one_m;
@@ -144,6 +178,9 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
   const uint32_t by_value = mask_of<float>(mode == 3);
   const auto real_m = mask_of<M>(real_b);
   const auto real_v = mask_of<V>(real_b);
+  const auto real_a = mask_of<A>(real_b);
+  const auto real_p = mask_of<P>(real_b);
+  const bool kahan = comp != nullptr;
   // XLA rewrites x / scalar as x * (1 / scalar); so does the kernel.
   const float inv_lsf = 1.0f / lsf, inv_k = 1.0f / kf, inv_denom = 1.0f / clip_denom;
   const float wd_lr = wd * lr;
@@ -155,8 +192,8 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
     float ga = g0, gb = sel(has_lsf, inv_lsf, 1.0f);  // g / loss_scale_factor
     float gr = ga * gb;
     if constexpr (ACC) {
-      const float a = acc[j];
-      acc[j] = sel(real, 0.0f, a + gr);    // micro-step: acc <- acc + g, nothing else moves
+      const float a = ld(acc[j]);
+      acc[j] = sel(real_a, st<A>(0.0f), st<A>(a + gr));  // micro-step: acc <- acc + g, nothing else moves
       ga = gr + a;                         // real step: (g + acc) / k, acc <- 0
       gb = inv_k;
       gr = ga * gb;
@@ -185,6 +222,25 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
     // u - (p * wd) * lr; XLA folds the constant wd * lr first, then contracts.
     const float u1 = sel(dec, fmadd(-pf, wd_lr, u0), u0);
     float u = sel(real, round_to<P>(u1), 0.0f);  // updates are in the param dtype
+    if constexpr (RND) {
+      // p_want = round(p + u1 + comp) (kahan) or stochastic_round(p + u1); the update is
+      // round(p_want - p) and p + update the new param (adamx/_rounding.py).
+      float want;
+      float y = u1;
+      if (kahan) {
+        y = u1 + ld(comp[j]);
+        want = round_to<P>(pf + y);
+      } else {
+        const uint32_t h = mix32(mix32(static_cast<uint32_t>(j) ^ key) + key);
+        want = stochastic_round<P>(pf + u1, h);
+      }
+      const float ur = round_to<P>(want - pf);
+      if (kahan) {
+        const float pn = round_to<P>(pf + ur);
+        comp[j] = sel(real_p, st<P>(y - (pn - pf)), comp[j]);
+      }
+      u = sel(real, ur, 0.0f);
+    }
     if constexpr (EMA) {
       const float p_new = round_to<P>(pf + u);
       const float a_new = fmadd(mom, ema[j], one_m * p_new);   // mom * avg + (1 - mom) * p
@@ -195,8 +251,8 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
   }
 }
 
-template <typename G, bool ACC>
-static double sumsq_segment(const G* __restrict g, const float* __restrict acc, int64_t b0, int64_t e0,
+template <typename G, typename A, bool ACC>
+static double sumsq_segment(const G* __restrict g, const A* __restrict acc, int64_t b0, int64_t e0,
                             bool has_lsf_b, float lsf, float kf) {
   const uint32_t has_lsf = mask_of<float>(has_lsf_b);
   const float inv_lsf = 1.0f / lsf, inv_k = 1.0f / kf;
@@ -211,7 +267,7 @@ static double sumsq_segment(const G* __restrict g, const float* __restrict acc, 
       for (int64_t k = 0; k < kLanes; ++k) {
         const float g0 = ld(g[j + k]);
         float gr = sel(has_lsf, g0 * inv_lsf, g0);
-        if constexpr (ACC) gr = (gr + acc[j + k]) * inv_k;
+        if constexpr (ACC) gr = (gr + ld(acc[j + k])) * inv_k;
         lane[k] += gr * gr;
       }
     }
@@ -219,7 +275,7 @@ static double sumsq_segment(const G* __restrict g, const float* __restrict acc, 
     for (; j < e; ++j) {
       const float g0 = ld(g[j]);
       float gr = sel(has_lsf, g0 * inv_lsf, g0);
-      if constexpr (ACC) gr = (gr + acc[j]) * inv_k;
+      if constexpr (ACC) gr = (gr + ld(acc[j])) * inv_k;
       part += static_cast<double>(gr) * gr;
     }
     for (int64_t k = 0; k < kLanes; ++k) part += lane[k];
@@ -239,61 +295,96 @@ static DT dt_of(ffi::DataType t) {
   }
 }
 
-using StepFn = void (*)(void*, const void*, void*, void*, void*, float*, float*, int64_t, int64_t, const Sc&, float,
-                        bool);
+using StepFn = void (*)(void*, const void*, void*, void*, void*, void*, float*, void*, uint32_t, int64_t, int64_t,
+                        const Sc&, float, bool);
 
-template <typename P, typename G, typename M, typename V, bool AMS, bool ACC, bool EMA>
-static void step_erased(void* p, const void* g, void* m, void* v, void* vmax, float* acc, float* ema, int64_t b,
-                        int64_t e, const Sc& s, float clip_denom, bool decay) {
-  step_segment<P, G, M, V, AMS, ACC, EMA>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<M*>(m),
-                                          static_cast<V*>(v), static_cast<V*>(vmax), acc, ema, b, e, s, clip_denom,
-                                          decay);
+template <typename P, typename G, typename M, typename V, typename A, bool RND, bool AMS, bool ACC, bool EMA>
+static void step_erased(void* p, const void* g, void* m, void* v, void* vmax, void* acc, float* ema, void* comp,
+                        uint32_t key, int64_t b, int64_t e, const Sc& s, float clip_denom, bool decay) {
+  step_segment<P, G, M, V, A, RND, AMS, ACC, EMA>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<M*>(m),
+                                                  static_cast<V*>(v), static_cast<V*>(vmax), static_cast<A*>(acc), ema,
+                                                  static_cast<P*>(comp), key, b, e, s, clip_denom, decay);
 }
 
-template <typename P, typename G, typename M, typename V>
+// Flags: ams, acc, ema. A bfloat16 accumulator only exists with acc (4 combinations).
+template <typename P, typename G, typename M, typename V, typename A, bool RND>
 static StepFn pick_flags(bool ams, bool acc, bool ema) {
   const int k = (ams ? 4 : 0) | (acc ? 2 : 0) | (ema ? 1 : 0);
+  if constexpr (std::is_same<A, float>::value) {
+    switch (k) {
+      case 0: return &step_erased<P, G, M, V, A, RND, false, false, false>;
+      case 1: return &step_erased<P, G, M, V, A, RND, false, false, true>;
+      case 4: return &step_erased<P, G, M, V, A, RND, true, false, false>;
+      case 5: return &step_erased<P, G, M, V, A, RND, true, false, true>;
+      default: break;
+    }
+  }
   switch (k) {
-    case 0: return &step_erased<P, G, M, V, false, false, false>;
-    case 1: return &step_erased<P, G, M, V, false, false, true>;
-    case 2: return &step_erased<P, G, M, V, false, true, false>;
-    case 3: return &step_erased<P, G, M, V, false, true, true>;
-    case 4: return &step_erased<P, G, M, V, true, false, false>;
-    case 5: return &step_erased<P, G, M, V, true, false, true>;
-    case 6: return &step_erased<P, G, M, V, true, true, false>;
-    default: return &step_erased<P, G, M, V, true, true, true>;
+    case 2: return &step_erased<P, G, M, V, A, RND, false, true, false>;
+    case 3: return &step_erased<P, G, M, V, A, RND, false, true, true>;
+    case 6: return &step_erased<P, G, M, V, A, RND, true, true, false>;
+    case 7: return &step_erased<P, G, M, V, A, RND, true, true, true>;
+    default: return nullptr;
   }
 }
 
+template <typename P, typename G, typename M, typename V>
+static StepFn pick_ar(DT a, bool rnd, bool ams, bool acc, bool ema) {
+  if (!acc) a = kF32;
+  if constexpr (std::is_same<P, float>::value) {
+    if (rnd) return nullptr;  // float32 params: every mode is nearest (the caller passes rnd = 0)
+    if (a == kF32) return pick_flags<P, G, M, V, float, false>(ams, acc, ema);
+    if (a == kBF16) return pick_flags<P, G, M, V, bf16_t, false>(ams, acc, ema);
+  } else {
+    if (a == kF32) {
+      return rnd ? pick_flags<P, G, M, V, float, true>(ams, acc, ema)
+                 : pick_flags<P, G, M, V, float, false>(ams, acc, ema);
+    }
+    if (a == kBF16) {
+      return rnd ? pick_flags<P, G, M, V, bf16_t, true>(ams, acc, ema)
+                 : pick_flags<P, G, M, V, bf16_t, false>(ams, acc, ema);
+    }
+  }
+  return nullptr;
+}
+
 template <typename P, typename G>
-static StepFn pick_mv(DT m, DT v, bool ams, bool acc, bool ema) {
-  if (m == kF32 && v == kF32) return pick_flags<P, G, float, float>(ams, acc, ema);
-  if (m == kF32 && v == kBF16) return pick_flags<P, G, float, bf16_t>(ams, acc, ema);
-  if (m == kBF16 && v == kF32) return pick_flags<P, G, bf16_t, float>(ams, acc, ema);
-  if (m == kBF16 && v == kBF16) return pick_flags<P, G, bf16_t, bf16_t>(ams, acc, ema);
+static StepFn pick_mv(DT m, DT v, DT a, bool rnd, bool ams, bool acc, bool ema) {
+  if (m == kF32 && v == kF32) return pick_ar<P, G, float, float>(a, rnd, ams, acc, ema);
+  if (m == kF32 && v == kBF16) return pick_ar<P, G, float, bf16_t>(a, rnd, ams, acc, ema);
+  if (m == kBF16 && v == kF32) return pick_ar<P, G, bf16_t, float>(a, rnd, ams, acc, ema);
+  if (m == kBF16 && v == kBF16) return pick_ar<P, G, bf16_t, bf16_t>(a, rnd, ams, acc, ema);
   return nullptr;
 }
 
-// Supported: params f32/bf16/f16; grads in the param dtype or f32; moments f32 or bf16.
-static StepFn pick_step(DT p, DT g, DT m, DT v, bool ams, bool acc, bool ema) {
-  if (p == kF32 && g == kF32) return pick_mv<float, float>(m, v, ams, acc, ema);
-  if (p == kBF16 && g == kBF16) return pick_mv<bf16_t, bf16_t>(m, v, ams, acc, ema);
-  if (p == kBF16 && g == kF32) return pick_mv<bf16_t, float>(m, v, ams, acc, ema);
-  if (p == kF16 && g == kF16) return pick_mv<f16_t, f16_t>(m, v, ams, acc, ema);
-  if (p == kF16 && g == kF32) return pick_mv<f16_t, float>(m, v, ams, acc, ema);
+// Supported: params f32/bf16/f16; grads in the param dtype or f32; moments f32 or bf16;
+// accumulator f32 or bf16; param_rounding for bf16/f16 params.
+static StepFn pick_step(DT p, DT g, DT m, DT v, DT a, bool rnd, bool ams, bool acc, bool ema) {
+  if (p == kF32 && g == kF32) return pick_mv<float, float>(m, v, a, rnd, ams, acc, ema);
+  if (p == kBF16 && g == kBF16) return pick_mv<bf16_t, bf16_t>(m, v, a, rnd, ams, acc, ema);
+  if (p == kBF16 && g == kF32) return pick_mv<bf16_t, float>(m, v, a, rnd, ams, acc, ema);
+  if (p == kF16 && g == kF16) return pick_mv<f16_t, f16_t>(m, v, a, rnd, ams, acc, ema);
+  if (p == kF16 && g == kF32) return pick_mv<f16_t, float>(m, v, a, rnd, ams, acc, ema);
   return nullptr;
 }
 
-using SumFn = double (*)(const void*, const float*, int64_t, int64_t, bool, float, float);
-template <typename G, bool ACC>
-static double sumsq_erased(const void* g, const float* acc, int64_t b, int64_t e, bool has_lsf, float lsf, float kf) {
-  return sumsq_segment<G, ACC>(static_cast<const G*>(g), acc, b, e, has_lsf, lsf, kf);
+using SumFn = double (*)(const void*, const void*, int64_t, int64_t, bool, float, float);
+template <typename G, typename A, bool ACC>
+static double sumsq_erased(const void* g, const void* acc, int64_t b, int64_t e, bool has_lsf, float lsf, float kf) {
+  return sumsq_segment<G, A, ACC>(static_cast<const G*>(g), static_cast<const A*>(acc), b, e, has_lsf, lsf, kf);
 }
-static SumFn pick_sum(DT g, bool acc) {
+template <typename G>
+static SumFn pick_sum_acc(bool acc, DT a) {
+  if (!acc) return &sumsq_erased<G, float, false>;
+  if (a == kF32) return &sumsq_erased<G, float, true>;
+  if (a == kBF16) return &sumsq_erased<G, bf16_t, true>;
+  return nullptr;
+}
+static SumFn pick_sum(DT g, bool acc, DT a) {
   switch (g) {
-    case kF32: return acc ? &sumsq_erased<float, true> : &sumsq_erased<float, false>;
-    case kBF16: return acc ? &sumsq_erased<bf16_t, true> : &sumsq_erased<bf16_t, false>;
-    case kF16: return acc ? &sumsq_erased<f16_t, true> : &sumsq_erased<f16_t, false>;
+    case kF32: return pick_sum_acc<float>(acc, a);
+    case kBF16: return pick_sum_acc<bf16_t>(acc, a);
+    case kF16: return pick_sum_acc<f16_t>(acc, a);
     default: return nullptr;
   }
 }
@@ -368,8 +459,8 @@ static void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t total_elems, 
 
 // ---------------------------------------------------------------- step handler
 struct LeafPtrs {
-  void* p; const void* g; void* m; void* v; void* vmax; float* acc; float* ema;
-  StepFn fn; float clip_denom; bool decay;
+  void* p; const void* g; void* m; void* v; void* vmax; void* acc; float* ema; void* comp;
+  StepFn fn; uint32_t key; float clip_denom; bool decay;
 };
 
 struct StepCtx {
@@ -384,7 +475,7 @@ static void step_task(void* c, int64_t t) {
   for (int64_t s = ctx->task_start[t]; s < ctx->task_start[t + 1]; ++s) {
     const Seg& sg = ctx->segs[s];
     const LeafPtrs& L = ctx->leaves[sg.leaf];
-    L.fn(L.p, L.g, L.m, L.v, L.vmax, L.acc, L.ema, sg.begin, sg.end, ctx->sc, L.clip_denom, L.decay);
+    L.fn(L.p, L.g, L.m, L.v, L.vmax, L.acc, L.ema, L.comp, L.key, sg.begin, sg.end, ctx->sc, L.clip_denom, L.decay);
   }
 }
 
@@ -398,16 +489,19 @@ static void* inplace(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out)
   return dst;
 }
 
-// Args: scalars f32[kNumScalars], clip denominators f32[L], then
-//   tree state (flat == 0): per leaf p, g, m, v[, vmax][, acc][, ema];
-//     rets: per leaf p, m, v[, vmax][, acc][, ema];
-//   flat state (flat == 1): m, v[, vmax][, acc][, ema] (1-D, all leaves, leaf i at
+// Args: scalars f32[kNumScalars], clip denominators f32[L], stochastic rounding keys u32[L], then
+//   tree state (flat == 0): per leaf p, g, m, v[, vmax][, acc][, ema][, comp];
+//     rets: per leaf p, m, v[, vmax][, acc][, ema][, comp];
+//   flat state (flat == 1): m, v[, vmax][, acc][, ema][, comp] (1-D, all leaves, leaf i at
 //     offsets[i]), then per leaf p, g; rets: the state buffers, then per leaf p.
+// rounding: 0 nearest, 1 kahan (comp present), 2 stochastic.
 static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> denoms,
-                           ffi::RemainingArgs args, ffi::RemainingRets rets, ffi::Span<const int64_t> decay,
-                           ffi::Span<const int64_t> offsets, int64_t ams, int64_t acc, int64_t ema, int64_t flat) {
+                           ffi::Buffer<ffi::U32> keys, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                           ffi::Span<const int64_t> decay, ffi::Span<const int64_t> offsets, int64_t ams, int64_t acc,
+                           int64_t ema, int64_t flat, int64_t rounding) {
   if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
-  const int64_t nst = 2 + (ams ? 1 : 0) + (acc ? 1 : 0) + (ema ? 1 : 0);
+  const bool has_comp = rounding == 1;
+  const int64_t nst = 2 + (ams ? 1 : 0) + (acc ? 1 : 0) + (ema ? 1 : 0) + (has_comp ? 1 : 0);
   const int64_t nin = flat ? 2 : 2 + nst;
   const int64_t nout = flat ? 1 : 1 + nst;
   const int64_t base = flat ? nst : 0;
@@ -416,12 +510,15 @@ static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, 
     return bad("adamx: operand count does not match the number of leaves");
   if (flat && static_cast<int64_t>(offsets.size()) != L) return bad("adamx: one offset per leaf expected");
   if (static_cast<int64_t>(denoms.element_count()) != L) return bad("adamx: clip operand has the wrong size");
+  if (static_cast<int64_t>(keys.element_count()) != L) return bad("adamx: key operand has the wrong size");
+  if (rounding < 0 || rounding > 2) return bad("adamx: unknown rounding mode");
   const Sc sc = read_scalars(scalars.typed_data());
   const float* den = denoms.typed_data();
+  const uint32_t* key = keys.typed_data();
   // flat state buffers, in place
-  char* fbuf[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
-  int64_t fcount[5] = {0, 0, 0, 0, 0};
-  ffi::DataType ftype[5] = {};
+  char* fbuf[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  int64_t fcount[6] = {0, 0, 0, 0, 0, 0};
+  ffi::DataType ftype[6] = {};
   if (flat) {
     for (int64_t k = 0; k < nst; ++k) {
       auto x = args.get<ffi::AnyBuffer>(k);
@@ -442,9 +539,9 @@ static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, 
     if (!p || !g || !po) return bad("adamx: could not decode a leaf");
     const int64_t n = static_cast<int64_t>(p->element_count());
     if (static_cast<int64_t>(g->element_count()) != n) return bad("adamx: leaf buffers differ in size");
-    // state pointers and dtypes: m, v[, vmax][, acc][, ema]
-    void* st[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
-    ffi::DataType sty[5] = {};
+    // state pointers and dtypes: m, v[, vmax][, acc][, ema][, comp]
+    void* st[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    ffi::DataType sty[6] = {};
     for (int64_t k = 0; k < nst; ++k) {
       if (flat) {
         const int64_t off = offsets[i];
@@ -460,27 +557,37 @@ static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, 
       }
     }
     LeafPtrs& lp = leaves[i];
-    lp.fn = pick_step(dt_of(p->element_type()), dt_of(g->element_type()), dt_of(sty[0]), dt_of(sty[1]), ams != 0,
-                      acc != 0, ema != 0);
-    if (lp.fn == nullptr) return bad("adamx: unsupported dtype combination");
     lp.p = inplace(*p, *po);
     lp.g = g->untyped_data();
     lp.m = st[0];
     lp.v = st[1];
-    lp.vmax = nullptr; lp.acc = nullptr; lp.ema = nullptr;
+    lp.vmax = nullptr; lp.acc = nullptr; lp.ema = nullptr; lp.comp = nullptr;
     int64_t k = 2;
+    DT acc_dt = kF32;
     if (ams) {
       if (sty[k] != sty[1]) return bad("adamx: bad nu_max buffer");
       lp.vmax = st[k++];
     }
     if (acc) {
-      if (sty[k] != ffi::DataType::F32) return bad("adamx: bad accumulator buffer");
-      lp.acc = static_cast<float*>(st[k++]);
+      acc_dt = dt_of(sty[k]);
+      if (acc_dt != kF32 && acc_dt != kBF16) return bad("adamx: bad accumulator buffer");
+      lp.acc = st[k++];
     }
     if (ema) {
       if (sty[k] != ffi::DataType::F32) return bad("adamx: bad average buffer");
       lp.ema = static_cast<float*>(st[k++]);
     }
+    const DT pdt = dt_of(p->element_type());
+    const bool rnd = rounding != 0 && (pdt == kBF16 || pdt == kF16);  // float32 params: nearest
+    if (has_comp) {
+      if (sty[k] != p->element_type()) return bad("adamx: bad compensation buffer");
+      if (rnd) lp.comp = st[k];
+      ++k;
+    }
+    lp.fn = pick_step(pdt, dt_of(g->element_type()), dt_of(sty[0]), dt_of(sty[1]), acc_dt, rnd, ams != 0, acc != 0,
+                      ema != 0);
+    if (lp.fn == nullptr) return bad("adamx: unsupported dtype combination");
+    lp.key = key[i];
     lp.clip_denom = den[i];
     lp.decay = decay[i] != 0;
     sizes[i] = n;
@@ -674,7 +781,7 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
 // ---------------------------------------------------------------- sum of squares handler
 struct SumCtx {
   const std::vector<const void*>* g;
-  const std::vector<const float*>* acc;
+  const std::vector<const void*>* acc;
   const std::vector<SumFn>* fn;
   const Seg* segs;
   const int64_t* task_start;
@@ -704,18 +811,21 @@ static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   const int64_t L = static_cast<int64_t>(out->element_count());
   if (static_cast<int64_t>(args.size()) != base + L * nin) return bad("adamx: operand count does not match");
   if (flat && static_cast<int64_t>(offsets.size()) != L) return bad("adamx: one offset per leaf expected");
-  const float* flat_acc = nullptr;
+  const char* flat_acc = nullptr;
   int64_t flat_count = 0;
+  DT flat_dt = kF32;
   if (base) {
     auto a = args.get<ffi::AnyBuffer>(0);
-    if (!a || a->element_type() != ffi::DataType::F32) return bad("adamx: bad accumulator buffer");
-    flat_acc = static_cast<const float*>(a->untyped_data());
+    if (!a) return bad("adamx: bad accumulator buffer");
+    flat_dt = dt_of(a->element_type());
+    if (flat_dt != kF32 && flat_dt != kBF16) return bad("adamx: bad accumulator buffer");
+    flat_acc = static_cast<const char*>(a->untyped_data());
     flat_count = static_cast<int64_t>(a->element_count());
   }
   const Sc sc = read_scalars(scalars.typed_data());
   float* res = out->typed_data();
   std::vector<const void*> gp(L);
-  std::vector<const float*> ap(L, nullptr);
+  std::vector<const void*> ap(L, nullptr);
   std::vector<SumFn> fns(L);
   std::vector<int64_t> sizes(L);
   for (int64_t i = 0; i < L; ++i) {
@@ -723,17 +833,18 @@ static ffi::Error SumsqImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
     if (!g) return bad("adamx: could not decode a gradient");
     gp[i] = g->untyped_data();
     sizes[i] = static_cast<int64_t>(g->element_count());
-    fns[i] = pick_sum(dt_of(g->element_type()), acc != 0);
-    if (fns[i] == nullptr) return bad("adamx: unsupported gradient dtype");
+    DT acc_dt = flat_dt;
     if (acc && flat) {
       if (offsets[i] < 0 || offsets[i] + sizes[i] > flat_count) return bad("adamx: leaf offset outside the flat state");
-      ap[i] = flat_acc + offsets[i];
+      ap[i] = flat_acc + offsets[i] * (flat_dt == kBF16 ? 2 : 4);
     } else if (acc) {
       auto a = args.get<ffi::AnyBuffer>(i * nin + 1);
-      if (!a || a->element_type() != ffi::DataType::F32 || static_cast<int64_t>(a->element_count()) != sizes[i])
-        return bad("adamx: bad accumulator buffer");
-      ap[i] = static_cast<const float*>(a->untyped_data());
+      if (!a || static_cast<int64_t>(a->element_count()) != sizes[i]) return bad("adamx: bad accumulator buffer");
+      acc_dt = dt_of(a->element_type());
+      ap[i] = a->untyped_data();
     }
+    fns[i] = pick_sum(dt_of(g->element_type()), acc != 0, acc_dt);
+    if (fns[i] == nullptr) return bad("adamx: unsupported gradient or accumulator dtype");
   }
   if (!sc.is_real) {  // gradient-accumulation micro-step: no clipping happens
     for (int64_t i = 0; i < L; ++i) res[i] = 0.0f;
@@ -763,6 +874,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStep, StepImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("decay")
@@ -770,7 +882,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStep, StepImpl,
                                   .Attr<int64_t>("ams")
                                   .Attr<int64_t>("acc")
                                   .Attr<int64_t>("ema")
-                                  .Attr<int64_t>("flat"));
+                                  .Attr<int64_t>("flat")
+                                  .Attr<int64_t>("rounding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStepQ8, QStepImpl,
                               ffi::Ffi::Bind()
@@ -796,7 +909,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                                   .Attr<int64_t>("acc")
                                   .Attr<int64_t>("flat"));
 
-extern "C" int adamx_fused_abi_version() { return 2; }
+extern "C" int adamx_fused_abi_version() { return 3; }
 
 #define ADAMX_NAME(e, n) #n ","
 extern "C" const char* adamx_fused_scalar_names() { return ADAMX_SCALARS(ADAMX_NAME); }
