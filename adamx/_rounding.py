@@ -80,15 +80,14 @@ def to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
     """``x`` (float32) rounded to nearest in ``dtype``, kept in float32.
 
     ``reduce_precision`` flushes values under ``dtype``'s smallest normal to zero; float16's
-    subnormals (normal float32 values) are rounded by adding and removing ``2**(nmant - 24)``
-    instead, which leaves ``x`` rounded to a multiple of their spacing ``2**-24``.
+    subnormals (normal float32 values) are rounded to a multiple of their spacing ``2**-24``
+    instead (scaling by a power of 2 is exact).
     """
     fi = jnp.finfo(dtype)
     rp = jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
     if jnp.dtype(dtype) != jnp.dtype(jnp.float16):
         return rp  # bfloat16's subnormals are float32's: flushed on CPU in both paths
-    c = jnp.float32(0.5)  # ulp(0.5) = 2**-24, float16's subnormal spacing
-    sub = (x + c) - c
+    sub = jax.lax.round(x * jnp.float32(2.0**24), jax.lax.RoundingMethod.TO_NEAREST_EVEN) * jnp.float32(2.0**-24)
     return jnp.where(jnp.abs(x) < jnp.float32(fi.smallest_normal), sub, rp)
 
 

@@ -123,7 +123,9 @@ def window_mean(spec: AdamSpec, g_u: list[Any], acc_u: list[Any]) -> tuple[list[
 def accumulate(g_u: list[Any], acc_u: list[Any]) -> list[Any]:
     """A micro-step: gradients added to the accumulators (in the wider dtype, rounded once)."""
     return [
-        a if g is None else (a.astype(jnp.promote_types(a.dtype, g.dtype)) + g).astype(a.dtype)
+        a
+        if g is None
+        else (a.astype(_tree.compute_dtype_of(a, g)) + g.astype(_tree.compute_dtype_of(a, g))).astype(a.dtype)
         for g, a in zip(g_u, acc_u)
     ]
 
