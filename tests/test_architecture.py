@@ -30,6 +30,7 @@ LAYERS = [
         "adamx._averaging",
         "adamx._tf1",
         "adamx._quantize",
+        "adamx._rounding",
     ],
     ["adamx._spec"],
     ["adamx._state", "adamx._checks"],

@@ -179,7 +179,6 @@ OPTIONS = {
         use_ema=True,
         loss_scale_factor=4.0,
         gradient_accumulation_steps=2,
-        acc_dtype=jnp.bfloat16,
     ),
 }
 

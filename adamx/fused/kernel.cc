@@ -154,16 +154,16 @@ template <typename P> static inline float stochastic_round(float x, uint32_t h) 
   const float lo = q < o ? q : o, hi = q < o ? o : q;
   const float r = static_cast<float>(h >> 8) * 0x1p-24f;
   const bool up = r * (hi - lo) < (x - lo);
-  return (std::isfinite(q) && q != x) ? (up ? hi : lo) : q;
+  return (std::fabs(q) < __builtin_inff() && q != x) ? (up ? hi : lo) : q;  // finite and inexact
 }
 
 // ---------------------------------------------------------------- per-segment kernels
 // The arithmetic below mirrors adamx.adam's reference step (adamx/_step.py) op by op,
 // in float32; every feature switch is a select on values computed unconditionally, so
 // the loop stays branch-free and vectorizes.
-// A: the accumulator's storage type. RND: param_rounding is kahan (comp != nullptr) or
-// stochastic (comp == nullptr), only for bf16/f16 params; nearest otherwise.
-template <typename P, typename G, typename M, typename V, typename A, bool RND, bool AMS, bool ACC, bool EMA>
+// A: the accumulator's storage type. RND: param_rounding, 0 nearest, 1 kahan, 2 stochastic
+// (1 and 2 only for bf16/f16 params).
+template <typename P, typename G, typename M, typename V, typename A, int RND, bool AMS, bool ACC, bool EMA>
 static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m, V* __restrict v,
                          V* __restrict vmax, A* __restrict acc, float* __restrict ema, P* __restrict comp,
                          uint32_t key, int64_t b, int64_t e, const Sc& s, float clip_denom, bool decay) {
@@ -180,7 +180,6 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
   const auto real_v = mask_of<V>(real_b);
   const auto real_a = mask_of<A>(real_b);
   const auto real_p = mask_of<P>(real_b);
-  const bool kahan = comp != nullptr;
   // XLA rewrites x / scalar as x * (1 / scalar); so does the kernel.
   const float inv_lsf = 1.0f / lsf, inv_k = 1.0f / kf, inv_denom = 1.0f / clip_denom;
   const float wd_lr = wd * lr;
@@ -222,24 +221,17 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
     // u - (p * wd) * lr; XLA folds the constant wd * lr first, then contracts.
     const float u1 = sel(dec, fmadd(-pf, wd_lr, u0), u0);
     float u = sel(real, round_to<P>(u1), 0.0f);  // updates are in the param dtype
-    if constexpr (RND) {
-      // p_want = round(p + u1 + comp) (kahan) or stochastic_round(p + u1); the update is
-      // round(p_want - p) and p + update the new param (adamx/_rounding.py).
-      float want;
-      float y = u1;
-      if (kahan) {
-        y = u1 + ld(comp[j]);
-        want = round_to<P>(pf + y);
-      } else {
-        const uint32_t h = mix32(mix32(static_cast<uint32_t>(j) ^ key) + key);
-        want = stochastic_round<P>(pf + u1, h);
-      }
-      const float ur = round_to<P>(want - pf);
-      if (kahan) {
-        const float pn = round_to<P>(pf + ur);
-        comp[j] = sel(real_p, st<P>(y - (pn - pf)), comp[j]);
-      }
+    // p_want = round(p + u1 + comp) (kahan) or stochastic_round(p + u1); the update is
+    // round(p_want - p) and p + update the new param (adamx/_rounding.py).
+    if constexpr (RND == 1) {
+      const float y = u1 + ld(comp[j]);
+      const float ur = round_to<P>(round_to<P>(pf + y) - pf);
+      const float pn = round_to<P>(pf + ur);
+      comp[j] = sel(real_p, st<P>(y - (pn - pf)), comp[j]);
       u = sel(real, ur, 0.0f);
+    } else if constexpr (RND == 2) {
+      const uint32_t h = mix32(mix32(static_cast<uint32_t>(j) ^ key) + key);
+      u = sel(real, round_to<P>(stochastic_round<P>(pf + u1, h) - pf), 0.0f);
     }
     if constexpr (EMA) {
       const float p_new = round_to<P>(pf + u);
@@ -298,7 +290,7 @@ static DT dt_of(ffi::DataType t) {
 using StepFn = void (*)(void*, const void*, void*, void*, void*, void*, float*, void*, uint32_t, int64_t, int64_t,
                         const Sc&, float, bool);
 
-template <typename P, typename G, typename M, typename V, typename A, bool RND, bool AMS, bool ACC, bool EMA>
+template <typename P, typename G, typename M, typename V, typename A, int RND, bool AMS, bool ACC, bool EMA>
 static void step_erased(void* p, const void* g, void* m, void* v, void* vmax, void* acc, float* ema, void* comp,
                         uint32_t key, int64_t b, int64_t e, const Sc& s, float clip_denom, bool decay) {
   step_segment<P, G, M, V, A, RND, AMS, ACC, EMA>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<M*>(m),
@@ -307,7 +299,7 @@ static void step_erased(void* p, const void* g, void* m, void* v, void* vmax, vo
 }
 
 // Flags: ams, acc, ema. A bfloat16 accumulator only exists with acc (4 combinations).
-template <typename P, typename G, typename M, typename V, typename A, bool RND>
+template <typename P, typename G, typename M, typename V, typename A, int RND>
 static StepFn pick_flags(bool ams, bool acc, bool ema) {
   const int k = (ams ? 4 : 0) | (acc ? 2 : 0) | (ema ? 1 : 0);
   if constexpr (std::is_same<A, float>::value) {
@@ -329,27 +321,29 @@ static StepFn pick_flags(bool ams, bool acc, bool ema) {
 }
 
 template <typename P, typename G, typename M, typename V>
-static StepFn pick_ar(DT a, bool rnd, bool ams, bool acc, bool ema) {
+static StepFn pick_ar(DT a, int rnd, bool ams, bool acc, bool ema) {
   if (!acc) a = kF32;
   if constexpr (std::is_same<P, float>::value) {
     if (rnd) return nullptr;  // float32 params: every mode is nearest (the caller passes rnd = 0)
-    if (a == kF32) return pick_flags<P, G, M, V, float, false>(ams, acc, ema);
-    if (a == kBF16) return pick_flags<P, G, M, V, bf16_t, false>(ams, acc, ema);
+    if (a == kF32) return pick_flags<P, G, M, V, float, 0>(ams, acc, ema);
+    if (a == kBF16) return pick_flags<P, G, M, V, bf16_t, 0>(ams, acc, ema);
   } else {
     if (a == kF32) {
-      return rnd ? pick_flags<P, G, M, V, float, true>(ams, acc, ema)
-                 : pick_flags<P, G, M, V, float, false>(ams, acc, ema);
+      if (rnd == 1) return pick_flags<P, G, M, V, float, 1>(ams, acc, ema);
+      if (rnd == 2) return pick_flags<P, G, M, V, float, 2>(ams, acc, ema);
+      return pick_flags<P, G, M, V, float, 0>(ams, acc, ema);
     }
     if (a == kBF16) {
-      return rnd ? pick_flags<P, G, M, V, bf16_t, true>(ams, acc, ema)
-                 : pick_flags<P, G, M, V, bf16_t, false>(ams, acc, ema);
+      if (rnd == 1) return pick_flags<P, G, M, V, bf16_t, 1>(ams, acc, ema);
+      if (rnd == 2) return pick_flags<P, G, M, V, bf16_t, 2>(ams, acc, ema);
+      return pick_flags<P, G, M, V, bf16_t, 0>(ams, acc, ema);
     }
   }
   return nullptr;
 }
 
 template <typename P, typename G>
-static StepFn pick_mv(DT m, DT v, DT a, bool rnd, bool ams, bool acc, bool ema) {
+static StepFn pick_mv(DT m, DT v, DT a, int rnd, bool ams, bool acc, bool ema) {
   if (m == kF32 && v == kF32) return pick_ar<P, G, float, float>(a, rnd, ams, acc, ema);
   if (m == kF32 && v == kBF16) return pick_ar<P, G, float, bf16_t>(a, rnd, ams, acc, ema);
   if (m == kBF16 && v == kF32) return pick_ar<P, G, bf16_t, float>(a, rnd, ams, acc, ema);
@@ -359,7 +353,7 @@ static StepFn pick_mv(DT m, DT v, DT a, bool rnd, bool ams, bool acc, bool ema) 
 
 // Supported: params f32/bf16/f16; grads in the param dtype or f32; moments f32 or bf16;
 // accumulator f32 or bf16; param_rounding for bf16/f16 params.
-static StepFn pick_step(DT p, DT g, DT m, DT v, DT a, bool rnd, bool ams, bool acc, bool ema) {
+static StepFn pick_step(DT p, DT g, DT m, DT v, DT a, int rnd, bool ams, bool acc, bool ema) {
   if (p == kF32 && g == kF32) return pick_mv<float, float>(m, v, a, rnd, ams, acc, ema);
   if (p == kBF16 && g == kBF16) return pick_mv<bf16_t, bf16_t>(m, v, a, rnd, ams, acc, ema);
   if (p == kBF16 && g == kF32) return pick_mv<bf16_t, float>(m, v, a, rnd, ams, acc, ema);
@@ -578,7 +572,7 @@ static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, 
       lp.ema = static_cast<float*>(st[k++]);
     }
     const DT pdt = dt_of(p->element_type());
-    const bool rnd = rounding != 0 && (pdt == kBF16 || pdt == kF16);  // float32 params: nearest
+    const int rnd = (pdt == kBF16 || pdt == kF16) ? static_cast<int>(rounding) : 0;  // float32 params: nearest
     if (has_comp) {
       if (sty[k] != p->element_type()) return bad("adamx: bad compensation buffer");
       if (rnd) lp.comp = st[k];
