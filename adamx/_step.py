@@ -32,7 +32,7 @@ import optax
 
 from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _rounding, _tree
 from adamx._spec import AdamSpec, StateField
-from adamx._state import AdamState, code_map, layout, next_state
+from adamx._state import AdamState, AnyAdamState, KahanAdamState, code_map, layout, next_state
 
 CLIP_CODES = {"none": 0, "norm": 1, "global_norm": 2, "value": 3}
 
@@ -299,7 +299,7 @@ def _none_list(n: int) -> list[Any]:
     return [None] * n
 
 
-def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params | None) -> Any:
+def update_tree(spec: AdamSpec, grads: optax.Updates, state: AnyAdamState, params: optax.Params | None) -> Any:
     """``update`` with tree state: the units are the leaves."""
     g_l, p_l, treedef = _tree.align_grads(grads, state.mu if params is None else params)
     nl = len(g_l)
@@ -318,7 +318,12 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     g_l = unscale(spec, g_l)
     keep = _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * nl
     kahan = spec.param_rounding == "kahan"
-    comp_l = flat(state.comp) if kahan else []
+    if kahan != isinstance(state, KahanAdamState):
+        raise ValueError(
+            f"adamx.adam(param_rounding={spec.param_rounding!r}) got a {type(state).__name__}: "
+            "use the state its own init returns (KahanAdamState for 'kahan', AdamState otherwise)."
+        )
+    comp_l = flat(state.comp) if isinstance(state, KahanAdamState) else []
 
     def finish(d_l: list[Any], sc: Scalars) -> list[Any]:
         u_l = [

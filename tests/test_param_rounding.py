@@ -207,7 +207,7 @@ def test_ema_sees_the_params_the_step_produces(mode):
 def _steps(opt, params, n, start=None):
     state = opt.init(params) if start is None else start
     step = jax.jit(lambda p, s, g: _apply(opt, p, s, g))
-    for i in range(n):
+    for _ in range(n):
         params, state = step(params, state, _grads(params, int(state.count)))
     return params, state
 
@@ -218,7 +218,10 @@ def _apply(opt, p, s, g):
 
 
 def _grads(params, i):
-    return jax.tree.map(lambda p: (jnp.sin(jnp.arange(p.size, dtype=jnp.float32) * 0.37 + i) * 0.3).reshape(p.shape).astype(p.dtype), params)
+    return jax.tree.map(
+        lambda p: (jnp.sin(jnp.arange(p.size, dtype=jnp.float32) * 0.37 + i) * 0.3).reshape(p.shape).astype(p.dtype),
+        params,
+    )
 
 
 def _params(dtype=jnp.bfloat16):
@@ -370,6 +373,8 @@ def test_bad_options_name_the_argument():
     params = {"w": jnp.ones((2,), jnp.bfloat16)}
     with pytest.raises(ValueError, match="param_rounding"):
         opt.update(params, opt.init(params))
+    with pytest.raises(ValueError, match="KahanAdamState"):
+        opt.update(params, adamx.adam().init(params), params)
 
 
 def test_config_round_trip():
