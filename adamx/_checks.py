@@ -18,7 +18,7 @@ import numpy as np
 
 from adamx import _flat, _tree
 from adamx._spec import STATE_FIELDS, AdamSpec
-from adamx._state import AdamState, KahanAdamState, layout
+from adamx._state import AdamState, AnyAdamState, KahanAdamState, layout
 
 # The option that switches each optional state field on.
 _OPTION_OF = {
@@ -123,7 +123,7 @@ def check_state(spec: AdamSpec, state: Any, params: Any, grads: Any = None) -> N
     _check_tree(spec, state, ref, params is not None)
 
 
-def _check_tree(spec: AdamSpec, state: AdamState, ref: Any, have_params: bool) -> None:
+def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Any, have_params: bool) -> None:
     treedef: Any = jax.tree_util.tree_structure(ref)
     paths = None
     ref_l = treedef.flatten_up_to(ref)
@@ -156,7 +156,7 @@ def _check_tree(spec: AdamSpec, state: AdamState, ref: Any, have_params: bool) -
                     )
 
 
-def _check_flat(spec: AdamSpec, state: AdamState, leaves: list[Any]) -> None:
+def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Any]) -> None:
     for f in spec.fields_on:
         lay = layout(spec, f, leaves)
         bufs = _flat.buffers_of(getattr(state, f))
