@@ -194,8 +194,11 @@ def adam(
       name: kept for ``get_config()``.
       **options: adamx's own keyword-only options (fields of :class:`adamx.AdamSpec`,
         documented there): ``mu_dtype``, ``nu_dtype`` (moment storage dtypes),
-        ``flat_state`` (state fields as flat buffers), ``quantize_moments``,
-        ``quantize_block_size``, ``quantize_min_size``, ``quantize_mask`` (8-bit moments).
+        ``param_rounding`` and ``seed`` (how bfloat16/float16 params receive their
+        update: ``"nearest"``, ``"kahan"``, ``"stochastic"``; docs/mixed_precision.md),
+        ``acc_dtype`` (accumulator storage dtype), ``flat_state`` (state fields as flat
+        buffers), ``quantize_moments``, ``quantize_block_size``, ``quantize_min_size``,
+        ``quantize_mask`` (8-bit moments).
 
     Returns:
       An :class:`Adam` (an ``optax.GradientTransformationExtraArgs``) with state
