@@ -640,8 +640,11 @@ static void qstep_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e,
     if constexpr (AMS) {
       for (int64_t i = 0; i < n; ++i) xf[i] = q8::decode(mp.v_map, L.xc + start, L.xs[blk], static_cast<size_t>(i));
     }
-    step_segment<P, G, float, float, AMS, ACC, EMA>(p + start, g + start, mf, vf, xf, ACC ? L.acc + start : nullptr,
-                                                    EMA ? L.ema + start : nullptr, 0, n, s, L.clip_denom, L.decay);
+    // 8-bit moments: float32 accumulator, nearest rounding (the plan refuses the others)
+    step_segment<P, G, float, float, float, 0, AMS, ACC, EMA>(p + start, g + start, mf, vf, xf,
+                                                              ACC ? L.acc + start : nullptr,
+                                                              EMA ? L.ema + start : nullptr, nullptr, 0u, 0, n, s,
+                                                              L.clip_denom, L.decay);
     if (real) {
       q8::encode_block(*mp.m_enc, mf, static_cast<size_t>(n), L.mc + start, L.ms + blk);
       q8::encode_block(*mp.v_enc, vf, static_cast<size_t>(n), L.vc + start, L.vs + blk);
