@@ -43,7 +43,7 @@ class _Update:
             return out if out is not None else _step.update_flat_by_leaf(spec, grads, state, params)
         if params is None and spec.needs_params:
             raise ValueError(
-                "adamx.adam with weight_decay, use_ema, quantize_moments or param_rounding needs the params: "
+                "adamx.adam with weight_decay, use_ema, param_rounding or quantize_moments needs the params: "
                 "call update(grads, state, params)."
             )
         return _step.update_tree(spec, grads, state, params)

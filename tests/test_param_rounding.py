@@ -390,3 +390,15 @@ def test_config_round_trip():
         jnp.dtype(jnp.bfloat16),
     )
     assert "param_rounding" not in adamx.to_keras_config(adamx.adam())
+
+
+def test_rounding_with_8bit_moments_falls_back_naming_it():
+    opt = adamx.adam(param_rounding="kahan", quantize_moments=True, quantize_min_size=1)
+    params = {"w": jnp.linspace(0.5, 1.5, 300).astype(jnp.bfloat16)}
+    state = opt.init(params)
+    if _fused.available():
+        reason = _fused.why_not(opt, params, state, params)
+        assert reason is not None and "param_rounding" in reason
+    p1, s1 = opt.apply_gradients(params, state, params)
+    u, s2 = opt.update(params, state, params)
+    tpp.assert_trees_close((p1, s1), (optax.apply_updates(params, u), s2), exact=True)

@@ -189,6 +189,8 @@ def _run_groups(
         ops: list[Any] = [scal, denoms[np.asarray(idx)]]
         if q:
             ops.append(_CODE_MAPS)
+        else:  # the plan refuses param_rounding with 8-bit moments: nearest, keys unused
+            ops.append(jnp.zeros((len(idx),), jnp.uint32))
         outs: list[Any] = []
         aliases: dict[int, int] = {}
         for i in idx:
@@ -206,7 +208,10 @@ def _run_groups(
         decay = np.asarray([bool(keep[i]) for i in idx], np.int64)
         if q:
             r = jax.ffi.ffi_call(_build.Q8_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
-                *ops, decay=decay, block=np.int64(pl.spec.quantize_block_size), **attrs
+                *ops,
+                decay=decay,
+                block=np.int64(pl.spec.quantize_block_size),
+                **{k: v for k, v in attrs.items() if k != "rounding"},
             )
         else:
             r = jax.ffi.ffi_call(_build.STEP_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
