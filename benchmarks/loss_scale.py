@@ -96,6 +96,10 @@ RUNS = {
     "float16 + loss_scale_optimizer (dynamic_growth_steps=100)": dict(
         param=F16, compute=F16, lso={"dynamic_growth_steps": 100}
     ),
+    "float16 + loss_scale_optimizer + param_rounding='kahan'": dict(param=F16, compute=F16, lso={}, rounding="kahan"),
+    "float16 + loss_scale_optimizer + param_rounding='stochastic'": dict(
+        param=F16, compute=F16, lso={}, rounding="stochastic"
+    ),
     "float32 params, float16 compute, no scaling": dict(param=F32, compute=F16, lso=None),
     "float32 params, float16 compute + loss_scale_optimizer (Keras mixed_float16)": dict(
         param=F32, compute=F16, lso={}
@@ -127,7 +131,7 @@ def main() -> None:
     results = {}
     for name, cfg in RUNS.items():
         params = jax.tree.map(lambda a: a.astype(cfg["param"]), init_params())
-        tx = adamx.adam(LR)
+        tx = adamx.adam(LR, param_rounding=cfg.get("rounding", "nearest"))
         if cfg["lso"] is not None:
             tx = adamx.loss_scale_optimizer(tx, **cfg["lso"])
         state = tx.init(params)
