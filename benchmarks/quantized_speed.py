@@ -2,10 +2,12 @@
 moments, in the same process, on one large leaf (default 64M parameters).
 
 Both are ``jax.jit(opt.apply_gradients)`` with params and state donated (the in-place fused
-kernel). Reported: the median step time of each, their ratio (8-bit / float32; goal <= 0.7),
-and the measured state bytes per parameter (``adamx.state_bytes_per_param``).
+kernel). The two steps are run interleaved (float32, 8-bit, float32, 8-bit, ...) so that both
+see the same machine load; reported: the median step time of each, the median of the per-pair
+ratios (8-bit / float32; goal <= 0.7), the load average before and after, and the measured state
+bytes per parameter (``adamx.state_bytes_per_param``).
 
-    PYTHONPATH=. python benchmarks/quantized_speed.py --n 67108864 --reps 5
+    PYTHONPATH=. python benchmarks/quantized_speed.py --n 67108864 --reps 9
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import os
 import platform
 import statistics
 import time
+from typing import Any
 
 import jax
 
 import adamx
 
 
-def measure(opt: adamx.Adam, n: int, reps: int) -> tuple[float, float]:
+def setup(opt: adamx.Adam, n: int) -> tuple[Any, Any, Any, Any, float]:
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (n,))}
     grads = {"w": jax.random.normal(jax.random.PRNGKey(1), (n,)) * 0.01}
     state = opt.init(params)
@@ -30,34 +33,46 @@ def measure(opt: adamx.Adam, n: int, reps: int) -> tuple[float, float]:
     bpp = adamx.state_bytes_per_param((state.mu, state.nu), params)
     step = jax.jit(lambda p, s, g: opt.apply_gradients(g, s, p), donate_argnums=(0, 1))
     params, state = step(params, state, grads)  # compile + warm up
-    jax.block_until_ready(params)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        params, state = step(params, state, grads)
-        jax.block_until_ready((params, state))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), bpp
+    jax.block_until_ready((params, state))
+    return step, params, state, grads, bpp
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64 * 1024 * 1024)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quantized_speed.json"))
     args = ap.parse_args()
-    rows = {}
-    for name, kw in (("float32", {}), ("8-bit", {"quantize_moments": True})):
-        t, bpp = measure(adamx.adam(learning_rate=1e-3, **kw), args.n, args.reps)
-        rows[name] = {"step_s": t, "state_bytes_per_param": bpp}
-        print(f"{name:8s} step {t * 1e3:8.1f} ms   state {bpp:.4f} bytes/param", flush=True)
-    ratio = rows["8-bit"]["step_s"] / rows["float32"]["step_s"]
-    print(f"8-bit / float32 step time: {ratio:.2f}x")
+    load_before = os.getloadavg()
+    runs = {name: list(setup(adamx.adam(learning_rate=1e-3, **kw), args.n)) for name, kw in
+            (("float32", {}), ("8-bit", {"quantize_moments": True}))}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.reps):
+        for name, r in runs.items():  # interleaved: both see the same load
+            step, params, state, grads, _ = r
+            t0 = time.perf_counter()
+            params, state = step(params, state, grads)
+            jax.block_until_ready((params, state))
+            times[name].append(time.perf_counter() - t0)
+            r[1], r[2] = params, state
+    load_after = os.getloadavg()
+    rows = {name: {"step_s": statistics.median(times[name]), "state_bytes_per_param": runs[name][4],
+                   "times_s": times[name]} for name in runs}  # fmt: skip
+    ratios = [q / f for q, f in zip(times["8-bit"], times["float32"])]
+    ratio = statistics.median(ratios)
+    for name, row in rows.items():
+        print(f"{name:8s} step {row['step_s'] * 1e3:8.1f} ms   state {row['state_bytes_per_param']:.4f} bytes/param")
+    print(f"8-bit / float32 step time: {ratio:.2f}x (median of {args.reps} interleaved pairs; "
+          f"min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     out = {
         "n": args.n,
         "reps": args.reps,
         "rows": rows,
         "ratio": ratio,
+        "pair_ratios": ratios,
+        "load_before": load_before,
+        "load_after": load_after,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "jax": jax.__version__,
     }

@@ -314,6 +314,8 @@ def test_bad_arguments_raise_clear_errors():
 
 
 _CPP = r"""
+#include <algorithm>
+#include <memory>
 #include "_quant8.h"
 extern "C" {
 void q8_encode(const float* map, const float* x, std::size_t n, std::size_t bs, std::uint8_t* codes, float* scales) {
@@ -327,6 +329,19 @@ void q8_decode(const float* map, const std::uint8_t* codes, const float* scales,
   for (std::size_t i = 0; i < n; ++i) out[i] = adamx::quant8::decode(map, codes, scales[i / bs], i);
 }
 int q8_zero_code(const float* map) { return adamx::quant8::zero_code(map); }
+// the kernel's encoder: TableEncoder (one lookup + one compare) and decode_block
+int q8_encode_table(const float* map, const float* x, std::size_t n, std::size_t bs, std::uint8_t* codes,
+                    float* scales) {
+  const auto enc = std::make_unique<adamx::quant8::TableEncoder>(map);
+  for (std::size_t start = 0, b = 0; start < n; start += bs, ++b)
+    adamx::quant8::encode_block(*enc, x + start, std::min(bs, n - start), codes + start, scales + b);
+  return enc->fast ? 1 : 0;
+}
+void q8_decode_blocks(const float* map, const std::uint8_t* codes, const float* scales, std::size_t n,
+                      std::size_t bs, float* out) {
+  for (std::size_t start = 0, b = 0; start < n; start += bs, ++b)
+    adamx::quant8::decode_block(map, codes + start, scales[b], std::min(bs, n - start), out + start);
+}
 }
 """
 
@@ -350,6 +365,8 @@ def quant8_lib(tmp_path_factory):
     so.q8_encode_block.argtypes = [f, f, sz, u8, f]
     so.q8_decode.argtypes = [f, u8, f, sz, sz, f]
     so.q8_zero_code.argtypes = [f]
+    so.q8_encode_table.argtypes = [f, f, sz, sz, u8, f]
+    so.q8_decode_blocks.argtypes = [f, u8, f, sz, sz, f]
     return so
 
 
@@ -390,6 +407,58 @@ def test_cpp_header_equals_jax_bit_for_bit(quant8_lib, tag, block_size, n):
     q5 = Q.quantize(blk, code, block_size)
     np.testing.assert_array_equal(c5, np.asarray(q5.codes))
     np.testing.assert_array_equal(s1, np.asarray(q5.scales))
+
+
+def _table_quantize(lib, x: np.ndarray, code: np.ndarray, block_size: int):
+    x = np.ascontiguousarray(x, np.float32)
+    codes = np.empty(x.size, np.uint8)
+    scales = np.empty(-(-x.size // block_size), np.float32)
+    fast = lib.q8_encode_table(_ptr(code, ctypes.c_float), _ptr(x, ctypes.c_float), x.size, block_size,
+                               _ptr(codes, ctypes.c_uint8), _ptr(scales, ctypes.c_float))  # fmt: skip
+    return codes, scales, fast
+
+
+@pytest.mark.parametrize("tag", ["signed", "unsigned"])
+@pytest.mark.parametrize("block_size,n", [(64, 6 * 64 + 5), (256, 40 * 256 + 13)])
+def test_cpp_table_encoder_equals_jax_bit_for_bit(quant8_lib, tag, block_size, n):
+    """The kernel's encoder (TableEncoder: one table lookup + one compare, vectorized) and
+    decode_block give the codes, scales and values of JAX's quantize/dequantize."""
+    code = np.ascontiguousarray(MAPS[tag])
+    x = nasty_data(n, code, block_size, seed=n + 1)
+    codes, scales, fast = _table_quantize(quant8_lib, x, code, block_size)
+    assert fast == 1  # the dynamic maps take the exact one-compare path
+    q = jax.jit(lambda a: Q.quantize(a, code, block_size))(x)
+    np.testing.assert_array_equal(codes, np.asarray(q.codes))
+    np.testing.assert_array_equal(scales, np.asarray(q.scales))
+    out = np.empty(n, np.float32)
+    quant8_lib.q8_decode_blocks(_ptr(code, ctypes.c_float), _ptr(codes, ctypes.c_uint8),
+                                _ptr(scales, ctypes.c_float), n, block_size, _ptr(out, ctypes.c_float))  # fmt: skip
+    np.testing.assert_array_equal(out, np.asarray(Q.dequantize(q, code, (n,), block_size)))
+
+
+@pytest.mark.parametrize("tag", ["signed", "unsigned", "linear-signed", "linear-unsigned"])
+def test_cpp_table_encoder_at_every_midpoint(quant8_lib, tag):
+    """Every float32 within 300 ulps of every midpoint of the map, both signs, plus a sweep of
+    bit patterns over [-1, 1], against NumPy's searchsorted (the reference's nearest code).
+    Blocks of 255 values plus 1.0: scale 1, so y = x exactly. (The table's argument is
+    exhaustive: every float32 in [2**-37, 2] and every non-finite one was checked once, see
+    adamx/_quant8.h; here the places where an error would show.)"""
+    code = {"linear-signed": Q.linear_map(True), "linear-unsigned": Q.linear_map(False)}.get(tag, MAPS.get(tag))
+    code = np.ascontiguousarray(code)
+    mids = Q.midpoints(code)
+    near = (mids.view(np.int32)[:, None] + np.arange(-300, 301, dtype=np.int32)[None, :]).ravel().view(np.float32)
+    sweep = np.arange(0, 0x3F800001, 997, dtype=np.int64).astype(np.int32).view(np.float32)  # [0, 1]
+    y = np.concatenate([near, -near, sweep, -sweep, [0.0, -0.0, 1e-40, -1e-40]]).astype(np.float32)
+    y = y[np.abs(y) <= 1]
+    y = np.pad(y, (0, -y.size % 255)).reshape(-1, 255)
+    x = np.concatenate([y, np.ones((y.shape[0], 1), np.float32)], axis=1).ravel()
+    codes, scales, fast = _table_quantize(quant8_lib, x, code, 256)
+    assert np.all(scales == 1)
+    xf = np.where(np.abs(x) < Q.FLT_MIN, np.float32(0), x)
+    want = np.searchsorted(mids, xf, side="left")
+    np.testing.assert_array_equal(codes, want.astype(np.uint8))
+    if tag in MAPS:
+        assert fast == 1
 
 
 def test_cpp_header_subnormal_products_flush_like_xla(quant8_lib):

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -622,10 +623,32 @@ struct QLeaf {
   void (*fn)(const QLeaf&, const QMaps&, int64_t, int64_t, int64_t, const Sc&);
 };
 
+// The encoders' tables (2 x 256 KiB) are built once per pair of code maps and kept (the
+// maps are the same constants on every call); a call holds its own reference.
+struct QTables {
+  float maps[512];
+  q8::TableEncoder m_enc, v_enc;
+  explicit QTables(const float* m) : m_enc(m), v_enc(m + 256) { std::memcpy(maps, m, sizeof maps); }
+};
+
+static std::shared_ptr<const QTables> q_tables(const float* maps) {
+  static std::mutex mu;
+  static std::shared_ptr<const QTables> last;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!last || std::memcmp(last->maps, maps, sizeof last->maps) != 0) last = std::make_shared<const QTables>(maps);
+  return last;
+}
+
+// Per-thread scratch for one block's float32 moments (grown once, never per segment).
+static float* q_scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(static_cast<size_t>(floats));
+  return buf.data();
+}
+
 template <typename P, typename G, bool AMS, bool ACC, bool EMA>
 static void qstep_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e, int64_t bs, const Sc& s) {
-  std::vector<float> buf(static_cast<size_t>(3 * bs));
-  float* mf = buf.data();
+  float* mf = q_scratch(3 * bs);
   float* vf = mf + bs;
   float* xf = vf + bs;
   P* p = static_cast<P*>(L.p);
@@ -633,22 +656,19 @@ static void qstep_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e,
   const bool real = s.is_real || !ACC;
   for (int64_t start = b; start < e; start += bs) {
     const int64_t n = std::min(bs, e - start), blk = start / bs;
-    for (int64_t i = 0; i < n; ++i) {
-      mf[i] = q8::decode(mp.m_map, L.mc + start, L.ms[blk], static_cast<size_t>(i));
-      vf[i] = q8::decode(mp.v_map, L.vc + start, L.vs[blk], static_cast<size_t>(i));
-    }
-    if constexpr (AMS) {
-      for (int64_t i = 0; i < n; ++i) xf[i] = q8::decode(mp.v_map, L.xc + start, L.xs[blk], static_cast<size_t>(i));
-    }
+    const size_t un = static_cast<size_t>(n);
+    q8::decode_block(mp.m_map, L.mc + start, L.ms[blk], un, mf);
+    q8::decode_block(mp.v_map, L.vc + start, L.vs[blk], un, vf);
+    if constexpr (AMS) q8::decode_block(mp.v_map, L.xc + start, L.xs[blk], un, xf);
     // 8-bit moments: float32 accumulator, nearest rounding (the plan refuses the others)
     step_segment<P, G, float, float, float, 0, AMS, ACC, EMA>(p + start, g + start, mf, vf, xf,
                                                               ACC ? L.acc + start : nullptr,
                                                               EMA ? L.ema + start : nullptr, nullptr, 0u, 0, n, s,
                                                               L.clip_denom, L.decay);
     if (real) {
-      q8::encode_block(*mp.m_enc, mf, static_cast<size_t>(n), L.mc + start, L.ms + blk);
-      q8::encode_block(*mp.v_enc, vf, static_cast<size_t>(n), L.vc + start, L.vs + blk);
-      if constexpr (AMS) q8::encode_block(*mp.v_enc, xf, static_cast<size_t>(n), L.xc + start, L.xs + blk);
+      q8::encode_block(*mp.m_enc, mf, un, L.mc + start, L.ms + blk);
+      q8::encode_block(*mp.v_enc, vf, un, L.vc + start, L.vs + blk);
+      if constexpr (AMS) q8::encode_block(*mp.v_enc, xf, un, L.xc + start, L.xs + blk);
     }
   }
 }
@@ -718,8 +738,7 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   const Sc sc = read_scalars(scalars.typed_data());
   const float* den = denoms.typed_data();
   const float* m_map = maps.typed_data();
-  const float* v_map = m_map + 256;
-  const q8::TableEncoder m_enc(m_map), v_enc(v_map);
+  const std::shared_ptr<const QTables> tables = q_tables(m_map);
   std::vector<QLeaf> leaves(L);
   std::vector<int64_t> sizes(L);
   for (int64_t i = 0; i < L; ++i) {
@@ -770,7 +789,7 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   if (ntasks <= 0) return ffi::Error::Success();
   int64_t total = 0;
   for (int64_t n : sizes) total += n;
-  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{m_map, v_map, &m_enc, &v_enc}, block, sc};
+  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{tables->maps, tables->maps + 256, &tables->m_enc, &tables->v_enc}, block, sc};
   parallel_for(pool, ntasks, total, &qstep_task, &ctx);
   return ffi::Error::Success();
 }
