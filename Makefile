@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick bench-features clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: lint
 bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/convergence.py
+
+# the feature benchmarks: lazy rows, loss scaling, bf16 param rounding, 8-bit state (about 25 minutes)
+bench-features: $(VENV)/.bench
+	PYTHONPATH=. $(PY) benchmarks/lazy.py
+	PYTHONPATH=. $(PY) benchmarks/loss_scale.py
+	PYTHONPATH=. $(PY) benchmarks/mixed_precision.py
+	PYTHONPATH=. $(PY) benchmarks/quantized_convergence.py
+	PYTHONPATH=. $(PY) benchmarks/quantized_speed.py
 
 bench-quick: $(VENV)/.bench
 	$(PY) benchmarks/run.py --quick
