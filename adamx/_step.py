@@ -144,41 +144,15 @@ def clip(
 def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
     """Adam on one unit (Keras kernel form, epsilon hat): ``(direction, m, v, v_max)``.
 
-    Arithmetic in float32 (wider for float64); moments stored back in their own dtypes.
-    A ``None`` gradient leaves the moments alone and gives a ``None`` direction.
+    :func:`adamx._moments.adam_leaf` (float32 arithmetic, wider for float64; complex leaves
+    by optax's convention); moments stored back in their own dtypes. A ``None`` gradient
+    leaves the moments alone and gives a ``None`` direction.
     """
     if g is None:
         return None, m, v, v_max
-    if jnp.iscomplexobj(m):
-        return complex_moments(sc, g, m, v, v_max)
-    cd = _tree.compute_dtype_of(g, m, v)
-    c = lambda x: x.astype(cd)  # noqa: E731  (float32 scalars; float64 under x64 for float64 leaves)
-    m2, v2 = _moments.update_moments(
-        g.astype(cd), m.astype(cd), v.astype(cd), b1=None, b2=None, c1=c(sc.c1), c2=c(sc.c2), form="kernel"
-    )
-    v_used, vm2 = v2, None
-    if v_max is not None:
-        v_used = jnp.maximum(v_max.astype(cd), v2)
-        vm2 = v_used.astype(v_max.dtype)
-    d = _moments.direction_hat(m2, v_used, alpha=c(sc.alpha), eps=c(sc.eps))
-    return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
-
-
-def complex_moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
-    """:func:`moments` for a complex unit, optax's convention: the first moment is complex,
-    the second is the (real) moment of ``|g|^2 = (conj(g) * g).real``."""
-    cd = _tree.compute_dtype(m.dtype)
-    rd = _tree.real_dtype(cd)
-    gc, m0 = g.astype(cd), m.astype(cd)
-    m2 = m0 + (gc - m0) * sc.c1.astype(cd)
-    v0 = v.astype(rd)
-    v2 = v0 + ((jnp.conj(gc) * gc).real - v0) * sc.c2.astype(rd)
-    v_used, vm2 = v2, None
-    if v_max is not None:
-        v_used = jnp.maximum(v_max.astype(rd), v2)
-        vm2 = v_used.astype(v_max.dtype)
-    d = (m2 * sc.alpha.astype(cd)) / (jnp.sqrt(v_used) + sc.eps.astype(rd)).astype(cd)
-    return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
+    z = jnp.zeros([], jnp.float32)  # b1, b2, b1^t, b2^t, eps_root: not read by the kernel form / epsilon hat
+    asc = _moments.AdamScalars(b1=z, b2=z, c1=sc.c1, c2=sc.c2, b1p=z, b2p=z, alpha=sc.alpha, eps=sc.eps, eps_root=z)
+    return _moments.adam_leaf(g, m, v, v_max, asc, form="kernel", mode="hat")
 
 
 def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: int) -> tuple[Any, Any, Any, Any]:
