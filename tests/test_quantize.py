@@ -337,17 +337,33 @@ int q8_encode_table(const float* map, const float* x, std::size_t n, std::size_t
     adamx::quant8::encode_block(*enc, x + start, std::min(bs, n - start), codes + start, scales + b);
   return enc->fast ? 1 : 0;
 }
+// the kernel's decoder: TableDecoder (byte-plane permutes under AVX-512 VBMI, else the loop)
 void q8_decode_blocks(const float* map, const std::uint8_t* codes, const float* scales, std::size_t n,
                       std::size_t bs, float* out) {
+  const auto dec = std::make_unique<adamx::quant8::TableDecoder>(map);
   for (std::size_t start = 0, b = 0; start < n; start += bs, ++b)
-    adamx::quant8::decode_block(map, codes + start, scales[b], std::min(bs, n - start), out + start);
+    adamx::quant8::decode_block(*dec, codes + start, scales[b], std::min(bs, n - start), out + start);
 }
+int q8_vbmi() { return ADAMX_QUANT8_VBMI; }
 }
 """
 
 
-@pytest.fixture(scope="module")
-def quant8_lib(tmp_path_factory):
+def _cpu_has_vbmi() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512vbmi" in line for line in f)
+    except OSError:
+        return False
+
+
+# "portable": the header as any C++17 compiler builds it (the plain loops); "native": as the
+# fused kernel builds it (-O3 -march=native: the AVX-512 VBMI decoder where the CPU has it).
+BUILDS = {"portable": ["-O2"], "native": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"]}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDS))
+def quant8_lib(request, tmp_path_factory):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.fail("g++ not found: the C++ header adamx/_quant8.h must be compiled and checked (install g++)")
@@ -355,7 +371,7 @@ def quant8_lib(tmp_path_factory):
     src = d / "quant8_test.cc"
     src.write_text(_CPP)
     lib = d / "libquant8_test.so"
-    cmd = [cxx, "-O2", "-Wall", "-Wextra", "-Werror", "-std=c++17", "-shared", "-fPIC",
+    cmd = [cxx, *BUILDS[request.param], "-Wall", "-Wextra", "-Werror", "-std=c++17", "-shared", "-fPIC",
            "-I", os.path.dirname(HEADER), str(src), "-o", str(lib)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
@@ -367,6 +383,7 @@ def quant8_lib(tmp_path_factory):
     so.q8_zero_code.argtypes = [f]
     so.q8_encode_table.argtypes = [f, f, sz, sz, u8, f]
     so.q8_decode_blocks.argtypes = [f, u8, f, sz, sz, f]
+    so.build = request.param
     return so
 
 
@@ -459,6 +476,38 @@ def test_cpp_table_encoder_at_every_midpoint(quant8_lib, tag):
     np.testing.assert_array_equal(codes, want.astype(np.uint8))
     if tag in MAPS:
         assert fast == 1
+
+
+def test_cpp_decoder_path_is_the_one_this_cpu_runs(quant8_lib):
+    """The native build of the header takes the AVX-512 VBMI decoder exactly when the CPU has
+    VBMI (so on such a machine the tests here check the permute path, not only the loop)."""
+    want = 1 if quant8_lib.build == "native" and _cpu_has_vbmi() else 0
+    assert quant8_lib.q8_vbmi() == want
+
+
+@pytest.mark.parametrize("tag", ["signed", "unsigned"])
+def test_cpp_table_decoder_every_code_and_every_tail(quant8_lib, tag):
+    """TableDecoder against the map lookup (decode_block on the map) and JAX's dequantize:
+    every code in every position of a 64-code group, block lengths 1..200 (the permute path
+    takes groups of 64, the loop the tail), and scales that are 0, tiny (code * scale
+    subnormal: flushed to +0), huge (inf products), NaN, and negative-zero."""
+    code = np.ascontiguousarray(MAPS[tag])
+    rng = np.random.default_rng(7)
+    codes = np.concatenate([np.arange(256), np.roll(np.arange(256), 37), rng.integers(0, 256, 3000)]).astype(np.uint8)
+    for bs in (64, 256, 1, 7, 100, 129, 200):
+        n = codes.size
+        nb = -(-n // bs)
+        scales = rng.lognormal(0.0, 3.0, nb).astype(np.float32)
+        scales[:6] = np.array([0.0, 1e-38, 3e38, np.nan, -0.0, 1.0], np.float32)[: min(6, nb)]
+        out = np.empty(n, np.float32)
+        quant8_lib.q8_decode_blocks(_ptr(code, ctypes.c_float), _ptr(codes, ctypes.c_uint8),
+                                    _ptr(scales, ctypes.c_float), n, bs, _ptr(out, ctypes.c_float))  # fmt: skip
+        want = np.empty(n, np.float32)
+        quant8_lib.q8_decode(_ptr(code, ctypes.c_float), _ptr(codes, ctypes.c_uint8), _ptr(scales, ctypes.c_float),
+                             n, bs, _ptr(want, ctypes.c_float))  # fmt: skip
+        np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))  # bit for bit, signed zeros too
+        q = Q.QuantizedArray(codes=jnp.asarray(codes), scales=jnp.asarray(scales))
+        np.testing.assert_array_equal(out, np.asarray(Q.dequantize(q, code, (n,), bs)))
 
 
 def test_cpp_header_subnormal_products_flush_like_xla(quant8_lib):

@@ -613,6 +613,8 @@ struct QMaps {
   const float* v_map;  // unsigned dynamic map (nu, nu_max)
   const q8::TableEncoder* m_enc;
   const q8::TableEncoder* v_enc;
+  const q8::TableDecoder* m_dec;
+  const q8::TableDecoder* v_dec;
 };
 
 struct QLeaf {
@@ -628,7 +630,10 @@ struct QLeaf {
 struct QTables {
   float maps[512];
   q8::TableEncoder m_enc, v_enc;
-  explicit QTables(const float* m) : m_enc(m), v_enc(m + 256) { std::memcpy(maps, m, sizeof maps); }
+  q8::TableDecoder m_dec, v_dec;
+  explicit QTables(const float* m) : m_enc(m), v_enc(m + 256), m_dec(m), v_dec(m + 256) {
+    std::memcpy(maps, m, sizeof maps);
+  }
 };
 
 static std::shared_ptr<const QTables> q_tables(const float* maps) {
@@ -657,9 +662,9 @@ static void qstep_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e,
   for (int64_t start = b; start < e; start += bs) {
     const int64_t n = std::min(bs, e - start), blk = start / bs;
     const size_t un = static_cast<size_t>(n);
-    q8::decode_block(mp.m_map, L.mc + start, L.ms[blk], un, mf);
-    q8::decode_block(mp.v_map, L.vc + start, L.vs[blk], un, vf);
-    if constexpr (AMS) q8::decode_block(mp.v_map, L.xc + start, L.xs[blk], un, xf);
+    q8::decode_block(*mp.m_dec, L.mc + start, L.ms[blk], un, mf);
+    q8::decode_block(*mp.v_dec, L.vc + start, L.vs[blk], un, vf);
+    if constexpr (AMS) q8::decode_block(*mp.v_dec, L.xc + start, L.xs[blk], un, xf);
     // 8-bit moments: float32 accumulator, nearest rounding (the plan refuses the others)
     step_segment<P, G, float, float, float, 0, AMS, ACC, EMA>(p + start, g + start, mf, vf, xf,
                                                               ACC ? L.acc + start : nullptr,
@@ -789,7 +794,7 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   if (ntasks <= 0) return ffi::Error::Success();
   int64_t total = 0;
   for (int64_t n : sizes) total += n;
-  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{tables->maps, tables->maps + 256, &tables->m_enc, &tables->v_enc}, block, sc};
+  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{tables->maps, tables->maps + 256, &tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec}, block, sc};
   parallel_for(pool, ntasks, total, &qstep_task, &ctx);
   return ffi::Error::Success();
 }
