@@ -117,7 +117,7 @@ def check_state(spec: AdamSpec, state: Any, params: Any, grads: Any = None) -> N
             )
     if spec.flat_state:
         if params is not None:
-            _check_flat(spec, state, jax.tree_util.tree_leaves(params))
+            _check_flat(spec, state, jax.tree_util.tree_leaves(params), spec.quantized_leaves(params))
         return
     ref = params if params is not None else state.mu
     _check_tree(spec, state, ref, params is not None)
@@ -156,12 +156,12 @@ def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Any, have_params: bool
                     )
 
 
-def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Any]) -> None:
+def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Any], quantized: list[bool]) -> None:
     for f in spec.fields_on:
-        lay = layout(spec, f, leaves)
+        lay = layout(spec, f, leaves, quantized)
         bufs = _flat.buffers_of(getattr(state, f))
         got = [(int(b.shape[0]) if b.ndim == 1 else tuple(b.shape), jnp.dtype(b.dtype).name) for b in bufs]
-        want = [(n, jnp.dtype(dt).name) for n, dt in zip(lay.totals, lay.dtypes)]
+        want = [(n, jnp.dtype(dt).name) for n, dt in zip(lay.sizes, lay.buffer_dtypes)]
         if got != want:
             raise ValueError(
                 f"flat state field `{f}` does not match params: it has buffers (size, dtype) {got}, this "

@@ -149,7 +149,9 @@ class AdamSpec:
       dequantizes, runs the float32 Adam step and requantizes. Leaves with fewer than
       ``quantize_min_size`` elements, and leaves where ``quantize_mask`` (a pytree of
       bools like params, or a callable ``params -> pytree``) is ``False``, keep float32
-      moments (``mu_dtype``/``nu_dtype`` apply to them). Not with ``flat_state=True``.
+      moments (``mu_dtype``/``nu_dtype`` apply to them). With ``flat_state=True`` the codes
+      of the 8-bit leaves sit in one ``uint8`` buffer and their scales in one more
+      (each leaf keeps its own blocks; adamx/_flat.py).
 
     Frozen: build a changed copy with ``dataclasses.replace(spec, ...)`` (validated again).
     Numeric options may be traced values (``optax.inject_hyperparams`` passes them); those
@@ -244,11 +246,6 @@ class AdamSpec:
         qm = self.quantize_mask
         if qm is not None and not callable(qm) and not isinstance(qm, (dict, list, tuple, bool)):
             jax.tree_util.tree_structure(qm)  # must at least be a pytree
-        if self.quantize_moments and self.flat_state:
-            raise ValueError(
-                "`quantize_moments=True` cannot be combined with `flat_state=True` (8-bit moments are "
-                "per-leaf QuantizedArray state); use one of the two."
-            )
 
     def _check_mixed_precision(self) -> None:
         if self.param_rounding not in PARAM_ROUNDINGS:

@@ -1,7 +1,8 @@
 """``AdamState``: the state of ``adamx.adam``, its checkpoint format, and how it is allocated.
 
 The per-parameter fields are trees like params, or with ``flat_state=True`` one
-:class:`adamx.FlatBuffers` each (one 1-D buffer per dtype, params' leaves in tree order).
+:class:`adamx.FlatBuffers` each (one 1-D buffer per dtype, params' leaves in tree order;
+8-bit leaves' codes in a ``uint8`` buffer and their scales in one more, see adamx/_flat.py).
 Which fields are on and their dtypes come from the :class:`adamx.AdamSpec`.
 """
 
@@ -93,10 +94,15 @@ def init(spec: AdamSpec, params: optax.Params) -> AdamState:
     on = spec.fields_on
     fields: dict[str, Any] = {f: None for f in on}
     if spec.flat_state:
-        leaves = jax.tree_util.tree_leaves(params)
+        leaves, tdef = jax.tree_util.tree_flatten(params)
+        treedef: Any = tdef
+        quantized = spec.quantized_leaves(params)
         for f in on:
-            lay = layout(spec, f, leaves)
-            fields[f] = _flat.pack(leaves, lay, fresh=True) if f == "ema" else _flat.zeros(lay)
+            lay = layout(spec, f, leaves, quantized)
+            if lay.n_blocks:  # 8-bit leaves: their quantized zeros, packed
+                fields[f] = _flat.pack(treedef.flatten_up_to(_quantized_tree(spec, f, params)), lay)
+            else:
+                fields[f] = _flat.pack(leaves, lay, fresh=True) if f == "ema" else _flat.zeros(lay)
     else:
         for f in on:
             if spec.quantize_moments and f in QUANTIZED_FIELDS:
@@ -106,9 +112,14 @@ def init(spec: AdamSpec, params: optax.Params) -> AdamState:
     return make_state(spec, jnp.zeros([], jnp.int32), fields)
 
 
-def layout(spec: AdamSpec, field: StateField, leaves: list[Any]) -> _flat.Layout:
-    """Where each leaf of params lives in the flat buffers of ``field``."""
-    return _flat.layout(leaves, lambda p: spec.state_dtype(field, jnp.result_type(p)))
+def layout(spec: AdamSpec, field: StateField, leaves: list[Any], quantized: list[bool] | None = None) -> _flat.Layout:
+    """Where each leaf of params lives in the flat buffers of ``field``.
+
+    ``quantized``: :meth:`AdamSpec.quantized_leaves` of the params (8-bit ``mu``/``nu``/``nu_max``
+    leaves); ``None`` when no leaf is.
+    """
+    q = quantized if field in QUANTIZED_FIELDS else None
+    return _flat.layout(leaves, lambda p: spec.state_dtype(field, jnp.result_type(p)), q, spec.quantize_block_size)
 
 
 def next_state(spec: AdamSpec, n: jax.Array, wrap: Any, fields: dict[str, Any]) -> Any:

@@ -369,6 +369,8 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     does not apply (``None`` gradients, grads wider than their group, state fields grouped
     differently from the arithmetic): the caller then runs :func:`update_tree` on views.
     """
+    if any(spec.quantized_leaves(params)):  # 8-bit leaves: the per-leaf step on their views
+        return None
     g_l, p_l, treedef = _tree.align_grads(grads, params)
     on = spec.fields_on
     lay = _flat.layout(p_l, lambda p: _tree.compute_dtype(jnp.result_type(p)))
@@ -455,7 +457,8 @@ def update_flat_by_leaf(spec: AdamSpec, grads: optax.Updates, state: AdamState, 
     """:func:`update_tree` on views of the flat buffers (what :func:`update_flat` does not take)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     tdef: Any = treedef
-    lays = {f: layout(spec, f, leaves) for f in spec.fields_on}
+    quantized = spec.quantized_leaves(params)
+    lays = {f: layout(spec, f, leaves, quantized) for f in spec.fields_on}
     as_tree = {
         f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()
     }

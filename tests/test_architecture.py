@@ -23,13 +23,13 @@ PKG = pathlib.Path(adamx.__file__).parent
 LAYERS = [
     ["adamx._hyper", "adamx._tree", "adamx.schedules"],
     [
+        "adamx._quantize",
         "adamx._flat",
         "adamx._clipping",
         "adamx._decay",
         "adamx._moments",
         "adamx._averaging",
         "adamx._tf1",
-        "adamx._quantize",
         "adamx._rounding",
     ],
     ["adamx._spec"],

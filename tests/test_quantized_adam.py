@@ -374,6 +374,101 @@ def test_min_size_and_mask_keep_float32_leaves():
     )
 
 
+# ---------------------------------------------------------------------- flat state
+FLAT_OPTIONS = {
+    "defaults": dict(),
+    "amsgrad_ema_accumulation": dict(
+        amsgrad=True, use_ema=True, ema_overwrite_frequency=2, gradient_accumulation_steps=2
+    ),
+    "clipnorm_decay": dict(learning_rate=0.01, clipnorm=0.5, weight_decay=0.1),
+}
+
+
+def _flat_as_tree(opt, state, params):
+    """The state with each flat field as the tree of its per-leaf views (8-bit leaves as QuantizedArray)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    quantized = opt.spec.quantized_leaves(params)
+    views = {}
+    for f in opt.spec.fields_on:
+        lay = adamx._state.layout(opt.spec, f, leaves, quantized)
+        views[f] = jax.tree_util.tree_unflatten(treedef, adamx._flat.unpack(getattr(state, f), lay))
+    return state._replace(**views)
+
+
+def test_flat_state_layout_bytes_and_zeros():
+    """flat_state=True with 8-bit leaves: per field one uint8 buffer with every 8-bit leaf's
+    codes, the float buffers of the small leaves, and one float32 buffer of all their block
+    scales; each leaf's view is tree state's QuantizedArray, and the bytes are the same."""
+    kw = dict(amsgrad=True, **SMALL)
+    opt = adamx.adam(flat_state=True, **kw)
+    params = make_params()
+    state = opt.init(params)
+    leaves = jax.tree.leaves(params)
+    q = opt.spec.quantized_leaves(params)
+    assert any(q) and not all(q)
+    n_q = sum(int(np.size(p)) for p, on in zip(leaves, q) if on)
+    n_blocks = sum(Q.num_blocks(int(np.size(p)), SMALL["quantize_block_size"]) for p, on in zip(leaves, q) if on)
+    for f in ("mu", "nu", "nu_max"):
+        bufs = getattr(state, f).buffers
+        assert isinstance(getattr(state, f), adamx.FlatBuffers)
+        assert [b.shape for b in bufs if b.dtype == jnp.uint8] == [(n_q,)]
+        assert bufs[-1].dtype == jnp.float32 and bufs[-1].shape == (n_blocks,)
+    tree_opt = adamx.adam(**kw)
+    tree_state = tree_opt.init(params)
+    assert_trees_close(_flat_as_tree(opt, state, params), tree_state, exact=True)
+    assert adamx.state_bytes_per_param((state.mu, state.nu), params) == adamx.state_bytes_per_param(
+        (tree_state.mu, tree_state.nu), params
+    )
+
+
+@pytest.mark.parametrize("option", sorted(FLAT_OPTIONS))
+def test_flat_state_equals_tree_state_bit_for_bit(option):
+    """5 steps of ``update`` with flat 8-bit state give tree state's params and state, bit for bit."""
+    kw = {**FLAT_OPTIONS[option], **SMALL}
+    flat_opt, tree_opt = adamx.adam(flat_state=True, **kw), adamx.adam(**kw)
+    pf, sf = run(ref_step(flat_opt), flat_opt, 5)
+    pt, st = run(ref_step(tree_opt), tree_opt, 5)
+    assert isinstance(sf.mu, adamx.FlatBuffers)
+    assert_trees_close((pf, _flat_as_tree(flat_opt, sf, pf)), (pt, st), exact=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("option", sorted(FLAT_OPTIONS))
+def test_flat_state_fused_equals_reference(option):
+    """The fused step takes flat 8-bit state (the kernel runs on per-leaf views, the new state
+    is packed back) and equals ``update`` + ``apply_updates`` as for tree state."""
+    kw = {**FLAT_OPTIONS[option], **SMALL}
+    opt = adamx.adam(flat_state=True, **kw)
+    params = make_params()
+    assert _fused.why_not(opt, make_grads(params, 0), opt.init(params), params) is None
+    pf, sf = run(fused_step(opt), opt, 5)
+    pr, sr = run(ref_step(opt), opt, 5)
+    assert isinstance(sf.mu, adamx.FlatBuffers)
+    fused, ref = (pf, _flat_as_tree(opt, sf, pf)), (pr, _flat_as_tree(opt, sr, pr))
+    if "clipnorm" in kw:
+        _codes_close(fused, ref, kw["learning_rate"])
+    else:
+        _assert_fused_equal(fused, ref)
+
+
+def test_flat_state_of_other_quantize_options_is_refused():
+    """A flat state built with other 8-bit options (which leaves are 8-bit, the block size) has
+    other buffers: refused naming the field, not misread."""
+    params = make_params()
+    grads = make_grads(params, 0)
+    state = adamx.adam(flat_state=True, **SMALL).init(params)
+    for other in (
+        dict(SMALL, quantize_min_size=10**9),  # no leaf 8-bit
+        dict(SMALL, quantize_block_size=32),  # other blocks
+        {},  # float32 moments
+    ):
+        with pytest.raises(ValueError, match="flat state field `mu` does not match params"):
+            adamx.adam(flat_state=True, **other).update(grads, state, params)
+    float_state = adamx.adam(flat_state=True).init(params)
+    with pytest.raises(ValueError, match="flat state field `mu` does not match params"):
+        adamx.adam(flat_state=True, **SMALL).update(grads, float_state, params)
+
+
 def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="quantize_moments"):
         adamx.adam(quantize_moments=1)
@@ -383,8 +478,6 @@ def test_errors_name_the_argument():
     for bad in (-1, 1.0, None):
         with pytest.raises(ValueError, match="quantize_min_size"):
             adamx.adam(quantize_moments=True, quantize_min_size=bad)
-    with pytest.raises(ValueError, match=r"quantize_moments=True.*flat_state=True"):
-        adamx.adam(quantize_moments=True, flat_state=True)
     params = {"a": jnp.ones((8192,)), "b": jnp.ones((8192,))}
     with pytest.raises(ValueError, match="quantize_mask"):
         adamx.adam(quantize_moments=True, quantize_mask={"a": True}).init(params)

@@ -170,7 +170,7 @@ def run(pl: Plan, state: AnyAdamState, params: Any) -> tuple[Any, Any]:
         new_comp = unflat(col(j))
     fields = dict(mu=unflat(col(1)), nu=unflat(col(2)), nu_max=new_nm, acc=new_acc, ema=new_ema, comp=new_comp)
     new_state = make_state(spec, optax.safe_increment(n), fields)
-    return unflat(col(0)), new_state
+    return unflat(col(0)), (new_state if pl.repack is None else pl.repack(new_state))
 
 
 def _run_groups(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _checks, _quantize, _tree
+from adamx import _checks, _flat, _quantize, _state, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, AnyAdamState, KahanAdamState
@@ -106,6 +106,9 @@ class Plan(NamedTuple):
     offsets: np.ndarray | None  # flat state: each leaf's offset in the buffers; tree state: None
     quantized: list[bool] | None = None  # tree state: which leaves hold 8-bit mu/nu/nu_max (QuantizedArray)
     comp: Any = None  # param_rounding="kahan": the compensation (like mu); else None
+    # flat state with 8-bit leaves: the kernel runs on per-leaf views; this packs the new
+    # (tree) state back into flat buffers. None otherwise.
+    repack: Callable[[Any], Any] | None = None
 
 
 def is_sharded(x: Any) -> bool:
@@ -167,8 +170,29 @@ def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan
     if kahan_state != (spec.param_rounding == "kahan") or (state.acc is not None) != (spec.window is not None):
         return "optimizer state does not match the optimizer's options", None
     if isinstance(state.mu, FlatBuffers):
+        if any(spec.quantized_leaves(params)):
+            return _plan_flat_8bit(spec, state, g_l, p_l, treedef, params)
         return _plan_flat(spec, state, g_l, p_l, treedef)
     return _plan_tree(spec, state, g_l, p_l, treedef)
+
+
+def _plan_flat_8bit(
+    spec: AdamSpec, state: AnyAdamState, g_l: list, p_l: list, treedef: Any, params: Any
+) -> tuple[str | None, Plan | None]:
+    """Flat state with 8-bit leaves: the tree plan on per-leaf views of the flat buffers (slices
+    in, the new state packed back: copies the tree layout does not make), then repacked."""
+    leaves = jax.tree_util.tree_leaves(params)
+    quantized = spec.quantized_leaves(params)
+    lays = {f: _state.layout(spec, f, leaves, quantized) for f in spec.fields_on}
+    views = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
+    reason, pl = _plan_tree(spec, state._replace(**views), g_l, p_l, treedef)
+    if pl is None:
+        return reason, None
+
+    def repack(new: Any) -> Any:
+        return new._replace(**{f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()})
+
+    return None, pl._replace(repack=repack)
 
 
 def _plan_tree(
