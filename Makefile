@@ -38,6 +38,7 @@ bench-features: $(VENV)/.bench
 	PYTHONPATH=. $(PY) benchmarks/mixed_precision.py
 	PYTHONPATH=. $(PY) benchmarks/quantized_convergence.py
 	PYTHONPATH=. $(PY) benchmarks/quantized_speed.py
+	PYTHONPATH=. $(PY) benchmarks/quantized_codec.py
 
 bench-quick: $(VENV)/.bench
 	$(PY) benchmarks/run.py --quick
