@@ -273,13 +273,18 @@ def adam_leaf(
     if cd != jnp.dtype(jnp.float32):  # float64 leaves (x64): the float32 scalars, cast explicitly
         sc = AdamScalars(*(x.astype(cd) for x in sc))
     m2, v2 = update_moments(gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form)
-    v_used = v2
-    vm2 = None
-    if v_max is not None:
-        v_used = jnp.maximum(v_max.astype(cd), v2)
-        vm2 = v_used.astype(v_max.dtype)
+    v_used, vm2 = _running_max(v_max, v2, cd)
     d = direction(m2, v_used, alpha=sc.alpha, b1p=sc.b1p, b2p=sc.b2p, eps=sc.eps, eps_root=sc.eps_root, mode=mode)
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
+
+
+def _running_max(v_max: jax.Array | None, v2: jax.Array, dt: Any) -> tuple[jax.Array, jax.Array | None]:
+    """amsgrad: ``(the second moment the direction uses, the new stored running max)``;
+    without a running max, ``(v2, None)``."""
+    if v_max is None:
+        return v2, None
+    v_used = jnp.maximum(v_max.astype(dt), v2)
+    return v_used, v_used.astype(v_max.dtype)
 
 
 def _complex_leaf(
@@ -304,10 +309,7 @@ def _complex_leaf(
         m2, v2 = m0 + (gc - m0) * c(sc.c1), v0 + (g2 - v0) * r(sc.c2)
     else:
         m2, v2 = m0 * c(sc.b1) + gc * c(sc.c1), v0 * r(sc.b2) + g2 * r(sc.c2)
-    v_used, vm2 = v2, None
-    if v_max is not None:
-        v_used = jnp.maximum(v_max.astype(rd), v2)
-        vm2 = v_used.astype(v_max.dtype)
+    v_used, vm2 = _running_max(v_max, v2, rd)
     if mode == "hat":
         d = (m2 * c(sc.alpha)) / c(jnp.sqrt(v_used) + r(sc.eps))
     else:
