@@ -8,6 +8,8 @@ ratios (8-bit / float32; goal <= 0.7), the load average before and after, and th
 bytes per parameter (``adamx.state_bytes_per_param``).
 
     PYTHONPATH=. python benchmarks/quantized_speed.py --n 67108864 --reps 9
+    PYTHONPATH=. python benchmarks/quantized_speed.py --n 262144 --leaves 64 --layouts \
+        --out benchmarks/results/quantized_layouts.json      # tree vs flat_state layouts
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import jax
 import adamx
 
 
-def setup(opt: adamx.Adam, n: int) -> tuple[Any, Any, Any, Any, float]:
-    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (n,))}
-    grads = {"w": jax.random.normal(jax.random.PRNGKey(1), (n,)) * 0.01}
+def setup(opt: adamx.Adam, n: int, leaves: int = 1) -> tuple[Any, Any, Any, Any, float]:
+    params = {f"w{i}": jax.random.normal(jax.random.PRNGKey(i), (n,)) for i in range(leaves)}
+    grads = {k: jax.random.normal(jax.random.PRNGKey(1000 + i), (n,)) * 0.01 for i, k in enumerate(params)}
     state = opt.init(params)
     assert adamx.fused.why_not(opt, grads, state, params) is None
     bpp = adamx.state_bytes_per_param((state.mu, state.nu), params)
@@ -41,11 +43,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64 * 1024 * 1024)
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--leaves", type=int, default=1, help="leaves of --n params each")
+    ap.add_argument("--layouts", action="store_true", help="also 8-bit and float32 with flat_state=True")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quantized_speed.json"))
     args = ap.parse_args()
     load_before = os.getloadavg()
-    runs = {name: list(setup(adamx.adam(learning_rate=1e-3, **kw), args.n)) for name, kw in
-            (("float32", {}), ("8-bit", {"quantize_moments": True}))}  # fmt: skip
+    configs = [("float32", {}), ("8-bit", {"quantize_moments": True})]
+    if args.layouts:
+        configs += [
+            ("8-bit flat", {"quantize_moments": True, "flat_state": True}),
+            ("float32 flat", {"flat_state": True}),
+        ]
+    runs = {name: list(setup(adamx.adam(learning_rate=1e-3, **kw), args.n, args.leaves)) for name, kw in configs}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.reps):
         for name, r in runs.items():  # interleaved: both see the same load
@@ -65,8 +74,13 @@ def main() -> None:
     print(f"8-bit / float32 step time: {ratio:.2f}x (median of {args.reps} interleaved pairs; "
           f"min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
+    for name in runs:
+        if name not in ("float32", "8-bit"):
+            r = statistics.median(q / f for q, f in zip(times[name], times["float32"]))
+            print(f"{name} / float32 step time: {r:.2f}x")
     out = {
         "n": args.n,
+        "leaves": args.leaves,
         "reps": args.reps,
         "rows": rows,
         "ratio": ratio,
