@@ -136,6 +136,63 @@ def zero_code(code: Any) -> int:
     return z
 
 
+def encoder_table(code: Any) -> np.ndarray | None:
+    """The nearest-code search as one table lookup and one compare (``TableEncoder`` of
+    ``adamx/_quant8.h``, the same table): ``None`` for a map where it is not exact.
+
+    Bucket ``k`` = the top 16 bits of a float32 ``y``; ``entry[k] = lo << 16 | t`` with ``lo``
+    the code of the bucket's lowest value and ``t`` the low 16 bits of the one midpoint in the
+    bucket (complemented for a negative bucket), ``0xffff`` for none; then
+    ``code(y) = (entry >> 16) + ((entry & 0xffff) < s(y))``, ``s(y)`` = the low 16 bits of ``y``
+    (complemented when negative). Exact for every non-NaN ``y`` when every bucket holds at most
+    one midpoint, a normal float of the bucket (true for both dynamic maps; checked here).
+    Under ``jit`` a lookup compiles far faster than ``searchsorted``'s 8 dependent gathers
+    (about 0.1 s per quantized leaf otherwise), and runs as fast.
+    """
+    c = _check_code(code)
+    key = c.tobytes()
+    if key not in _TABLES:
+        _TABLES[key] = _build_encoder_table(c)
+    return _TABLES[key]
+
+
+_TABLES: dict[bytes, np.ndarray | None] = {}
+
+
+def _build_encoder_table(c: np.ndarray) -> np.ndarray | None:
+    mids = midpoints(c)
+    zero = zero_code(c)
+    k = np.arange(65536, dtype=np.uint32)
+    negative = (k & 0x8000) != 0
+    b0, b1 = (k << 16).view(np.float32), ((k << 16) | 0xFFFF).view(np.float32)
+    lo_v, hi_v = np.where(negative, b1, b0), np.where(negative, b0, b1)  # the bucket's min and max
+    with np.errstate(invalid="ignore"):
+        enc_lo = np.searchsorted(mids, lo_v, side="left")
+        enc_hi = np.searchsorted(mids, hi_v, side="left")
+    nan_lo, nan_hi = np.isnan(lo_v), np.isnan(hi_v)
+    lo = np.where(nan_lo, np.where(nan_hi, zero, enc_hi), enc_lo).astype(np.int64)
+    hi = np.where(nan_hi, lo, enc_hi).astype(np.int64)
+    if np.any(hi > lo + 1):
+        return None
+    one = hi == lo + 1
+    mid_bits = mids[np.minimum(lo, 254)].view(np.uint32)
+    if np.any(one & (((mid_bits >> 16) != k) | ((k & 0x7F80) == 0))):
+        return None  # the midpoint must be a normal float of its bucket
+    t = np.where(one, (mid_bits & 0xFFFF) ^ np.where(negative, 0xFFFF, 0), 0xFFFF).astype(np.uint32)
+    table = (lo.astype(np.uint32) << 16) | t
+    table.setflags(write=False)
+    return table
+
+
+def encode_with_table(y: jax.Array, table: jax.Array, zero: int) -> jax.Array:
+    """The codes (int32) of float32 ``y`` through :func:`encoder_table`'s ``table``; NaN -> ``zero``."""
+    u = jax.lax.bitcast_convert_type(y, jnp.uint32)
+    e = table[(u >> 16).astype(jnp.int32)]
+    s = (u & 0xFFFF) ^ jnp.where((u >> 31) != 0, jnp.uint32(0xFFFF), jnp.uint32(0))
+    idx = (e >> 16) + ((e & 0xFFFF) < s).astype(jnp.uint32)
+    return jnp.where(jnp.isnan(y), zero, idx.astype(jnp.int32))
+
+
 def max_error(code: Any) -> float:
     """Worst-case ``|y - code[nearest(y)]|`` over ``y`` in ``[-1, 1]`` (signed map) or ``[0, 1]``.
 
@@ -184,13 +241,17 @@ def num_blocks(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     return -(-int(size) // _check_block_size(block_size))
 
 
-def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE, *, table: Any = None) -> QuantizedArray:
     """Block-wise absmax quantization of ``x`` (any shape, flattened; any float dtype, cast to float32).
 
     ``code`` is a map of 256 sorted float32 values (a NumPy constant such as
     :data:`SIGNED_DYNAMIC_MAP`); the scheme is in the module docstring. Pure JAX:
     jittable, vmappable (over a leading batch axis of ``x``, giving batched codes and
     scales), and correct on sharded inputs (an elementwise map and a per-block max).
+
+    ``table``: :func:`encoder_table` of ``code`` (as an array), to search by one lookup instead
+    of ``searchsorted`` (the same codes; compiles much faster: pass one array to every leaf's
+    call under one ``jit``).
 
     Returns ``QuantizedArray(codes uint8[n], scales float32[ceil(n / block_size)])``.
     """
@@ -211,8 +272,11 @@ def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> Quantiz
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
     y = blocks * (jnp.float32(1) / divisor)[:, None]
-    idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
-    idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
+    if table is not None:
+        idx = encode_with_table(y, table, zero_code(c))
+    else:
+        idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
+        idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
     codes = idx.astype(jnp.uint8).reshape(nb * bs)[:n]
     return QuantizedArray(codes, scales)
 
