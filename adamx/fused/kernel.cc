@@ -608,9 +608,7 @@ static ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, 
 // scales are left as they are (re-encoding decoded values would not give them back).
 namespace q8 = adamx::quant8;
 
-struct QMaps {
-  const float* m_map;  // signed dynamic map (mu)
-  const float* v_map;  // unsigned dynamic map (nu, nu_max)
+struct QMaps {  // mu: the signed dynamic map; nu, nu_max: the unsigned one
   const q8::TableEncoder* m_enc;
   const q8::TableEncoder* v_enc;
   const q8::TableDecoder* m_dec;
@@ -742,8 +740,7 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   if (static_cast<int64_t>(denoms.element_count()) != L) return bad("adamx: clip operand has the wrong size");
   const Sc sc = read_scalars(scalars.typed_data());
   const float* den = denoms.typed_data();
-  const float* m_map = maps.typed_data();
-  const std::shared_ptr<const QTables> tables = q_tables(m_map);
+  const std::shared_ptr<const QTables> tables = q_tables(maps.typed_data());
   std::vector<QLeaf> leaves(L);
   std::vector<int64_t> sizes(L);
   for (int64_t i = 0; i < L; ++i) {
@@ -794,7 +791,7 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   if (ntasks <= 0) return ffi::Error::Success();
   int64_t total = 0;
   for (int64_t n : sizes) total += n;
-  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{tables->maps, tables->maps + 256, &tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec}, block, sc};
+  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{&tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec}, block, sc};
   parallel_for(pool, ntasks, total, &qstep_task, &ctx);
   return ffi::Error::Success();
 }

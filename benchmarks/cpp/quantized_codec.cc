@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
   };
   for (int r = 0; r < 3; ++r) f32_step(0, n);  // realistic moments
   const auto tables = q_tables(maps);
-  const QMaps mp{tables->maps, tables->maps + 256, &tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec};
+  const QMaps mp{&tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec};
   std::vector<uint8_t> mc(n), vc(n);
   std::vector<float> ms(nb), vs(nb);
   for (int64_t b = 0; b < nb; ++b) {
@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> oc(nc);
   std::vector<float> os(nc / bs);
   const double dec_loop = best_ns(R, nc, [&] {
-    for (int64_t b = 0; b < nc / bs; ++b) q8::decode_block(mp.m_map, mc.data() + b * bs, ms[b], bs, out.data() + b * bs);
+    for (int64_t b = 0; b < nc / bs; ++b) q8::decode_block(tables->maps, mc.data() + b * bs, ms[b], bs, out.data() + b * bs);
   });
   const double dec_tab = best_ns(R, nc, [&] {
     for (int64_t b = 0; b < nc / bs; ++b) q8::decode_block(*mp.m_dec, mc.data() + b * bs, ms[b], bs, out.data() + b * bs);
