@@ -8,6 +8,7 @@ Which fields are on and their dtypes come from the :class:`adamx.AdamSpec`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -120,6 +121,22 @@ def layout(spec: AdamSpec, field: StateField, leaves: list[Any], quantized: list
     """
     q = quantized if field in QUANTIZED_FIELDS else None
     return _flat.layout(leaves, lambda p: spec.state_dtype(field, jnp.result_type(p)), q, spec.quantize_block_size)
+
+
+def tree_views(spec: AdamSpec, state: Any, params: optax.Params) -> tuple[Any, Callable[[Any], Any]]:
+    """A flat state as tree state (each field the tree of its leaves' views of the flat buffers;
+    an 8-bit leaf as a :class:`adamx.QuantizedArray`), and the function that packs a tree state
+    of the same params back into flat buffers."""
+    leaves, tdef = jax.tree_util.tree_flatten(params)
+    treedef: Any = tdef
+    quantized = spec.quantized_leaves(params)
+    lays = {f: layout(spec, f, leaves, quantized) for f in spec.fields_on}
+    views = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
+
+    def repack(new: Any) -> Any:
+        return new._replace(**{f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()})
+
+    return state._replace(**views), repack
 
 
 def next_state(spec: AdamSpec, n: jax.Array, wrap: Any, fields: dict[str, Any]) -> Any:

@@ -32,7 +32,7 @@ import optax
 
 from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _rounding, _tree
 from adamx._spec import AdamSpec, StateField
-from adamx._state import AdamState, AnyAdamState, KahanAdamState, code_map, layout, next_state
+from adamx._state import AdamState, AnyAdamState, KahanAdamState, code_map, layout, next_state, tree_views
 
 CLIP_CODES = {"none": 0, "norm": 1, "global_norm": 2, "value": 3}
 
@@ -476,13 +476,6 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
 
 def update_flat_by_leaf(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
     """:func:`update_tree` on views of the flat buffers (what :func:`update_flat` does not take)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    tdef: Any = treedef
-    quantized = spec.quantized_leaves(params)
-    lays = {f: layout(spec, f, leaves, quantized) for f in spec.fields_on}
-    as_tree = {
-        f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()
-    }
-    updates, new = update_tree(spec, grads, state._replace(**as_tree), params)
-    packed = {f: _flat.pack(tdef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()}
-    return updates, new._replace(**packed)
+    as_tree, repack = tree_views(spec, state, params)
+    updates, new = update_tree(spec, grads, as_tree, params)
+    return updates, repack(new)

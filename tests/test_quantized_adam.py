@@ -386,13 +386,7 @@ FLAT_OPTIONS = {
 
 def _flat_as_tree(opt, state, params):
     """The state with each flat field as the tree of its per-leaf views (8-bit leaves as QuantizedArray)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    quantized = opt.spec.quantized_leaves(params)
-    views = {}
-    for f in opt.spec.fields_on:
-        lay = adamx._state.layout(opt.spec, f, leaves, quantized)
-        views[f] = jax.tree_util.tree_unflatten(treedef, adamx._flat.unpack(getattr(state, f), lay))
-    return state._replace(**views)
+    return adamx._state.tree_views(opt.spec, state, params)[0]
 
 
 def test_flat_state_layout_bytes_and_zeros():

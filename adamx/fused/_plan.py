@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _checks, _flat, _quantize, _state, _tree
+from adamx import _checks, _quantize, _state, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, AnyAdamState, KahanAdamState
@@ -181,17 +181,10 @@ def _plan_flat_8bit(
 ) -> tuple[str | None, Plan | None]:
     """Flat state with 8-bit leaves: the tree plan on per-leaf views of the flat buffers (slices
     in, the new state packed back: copies the tree layout does not make), then repacked."""
-    leaves = jax.tree_util.tree_leaves(params)
-    quantized = spec.quantized_leaves(params)
-    lays = {f: _state.layout(spec, f, leaves, quantized) for f in spec.fields_on}
-    views = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
-    reason, pl = _plan_tree(spec, state._replace(**views), g_l, p_l, treedef)
+    as_tree, repack = _state.tree_views(spec, state, params)
+    reason, pl = _plan_tree(spec, as_tree, g_l, p_l, treedef)
     if pl is None:
         return reason, None
-
-    def repack(new: Any) -> Any:
-        return new._replace(**{f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()})
-
     return None, pl._replace(repack=repack)
 
 
