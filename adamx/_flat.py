@@ -143,8 +143,9 @@ def unpack(flat: FlatBuffers, lay: Layout) -> list[Any]:
     for s in lay.slots:
         if s.block >= 0:
             nb = _quantize.num_blocks(s.size, lay.block_size)
-            codes = jax.lax.slice(bufs[s.group], (s.offset,), (s.offset + s.size,))
-            out.append(_quantize.QuantizedArray(codes, jax.lax.slice(bufs[-1], (s.block,), (s.block + nb,))))
+            codes = view(bufs, s)
+            scales = jax.lax.slice(bufs[-1], (s.block,), (s.block + nb,))
+            out.append(_quantize.QuantizedArray(codes, scales.reshape(_quantize.scale_shape(s.shape, lay.block_size))))
         else:
             out.append(view(bufs, s))
     return out

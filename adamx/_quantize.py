@@ -1,12 +1,13 @@
 r"""Block-wise 8-bit quantization of optimizer state (the scheme only; no optimizer wiring).
 
 An 8-bit moment is stored as one ``uint8`` code per element and one float32 scale per
-block of ``block_size`` consecutive elements (of the flattened leaf). The code indexes a
+block of ``block_size`` consecutive elements (in C order; codes are shaped like the leaf,
+scales as :func:`scale_shape` says, so the state shards like the leaf). The code indexes a
 sorted map of 256 float32 values in ``[-1, 1]`` (signed) or ``[0, 1]`` (unsigned):
 
 .. code-block:: text
 
-    blocks    = pad(ravel(x), to a multiple of block_size with 0).reshape(-1, block_size)
+    blocks    = x.reshape(scale_shape + (block_size,))          # ravel and pad with 0 if the size is no multiple
     x         = where(|x| < FLT_MIN, 0, x)                 # subnormal inputs count as 0
     scale[b]  = max_i |blocks[b, i]|                        # NaN if the block holds a NaN
     inv[b]    = 1 / (scale[b] if scale[b] != 0 else 1)       # float32, one reciprocal per block
@@ -30,8 +31,11 @@ Properties (all tested in ``tests/test_quantize.py``):
   would poison only the element; a quantized block is poisoned whole. Adam state holding
   a NaN is lost either way.)
 
-The same scheme is written in C++ in ``adamx/_quant8.h`` (for the fused CPU kernel) and
-in NumPy in ``tests/reference_quant.py``; the three agree bit for bit.
+The two dynamic maps are encoded and decoded by arithmetic on the code's bits and the value's
+decade (:func:`dynamic_encode`, :func:`dynamic_decode`: no gather and no table, so the step
+compiles to elementwise code on TPU/GPU); another map by ``searchsorted``. The same scheme is
+written in C++ in ``adamx/_quant8.h`` (for the fused CPU kernel, by tables) and in NumPy in
+``tests/reference_quant.py``; the three agree bit for bit.
 
 Code maps (computed here with NumPy at import, float64 rounded once to float32):
 
@@ -48,9 +52,9 @@ Code maps (computed here with NumPy at import, float64 rounded once to float32):
   comparison only: as a second-moment map it rounds every ``v < absmax/510`` to 0, and
   Adam's step ``m / (sqrt(0) + eps)`` then explodes (shown in the tests).
 
-The state leaf is :class:`QuantizedArray`; the leaf's shape is not stored (the codes
-are flat): it is the shape of the params leaf the state belongs to, and ``block_size``
-is the optimizer's static configuration.
+The state leaf is :class:`QuantizedArray`: codes shaped like the params leaf, scales of
+:func:`scale_shape`; ``block_size`` is the optimizer's static configuration. (The first 8-bit
+layout kept 1-D codes and scales of the same blocks: :func:`as_layout` reshapes them.)
 
 Example:
 
@@ -59,7 +63,7 @@ Example:
   >>> x = jnp.array([[0.0, -0.5], [0.25, 2.0]])
   >>> q = quantize(x, SIGNED_DYNAMIC_MAP, block_size=256)
   >>> q.codes.dtype, q.codes.shape, q.scales.tolist()
-  (dtype('uint8'), (4,), [2.0])
+  (dtype('uint8'), (2, 2), [2.0])
   >>> dequantize(q, SIGNED_DYNAMIC_MAP, x.shape, block_size=256).tolist()  # 0 and the absmax are exact
   [[0.0, -0.49531251192092896], [0.2421875, 2.0]]
 """
@@ -226,14 +230,14 @@ def _check_block_size(block_size: Any) -> int:
 class QuantizedArray(NamedTuple):
     """An 8-bit state leaf: one code per element, one scale per block. Field names are the checkpoint format.
 
-    ``codes`` is flat (the leaf ravelled, C order); the leaf's shape is the shape of the
-    params leaf this state belongs to, and the block size is the optimizer's static
-    configuration, so neither is stored. Being a NamedTuple of two arrays, it is a pytree:
+    ``codes`` has the shape of the params leaf this state belongs to; ``scales`` has
+    :func:`scale_shape` of it (blocks of ``block_size`` consecutive elements in C order, the
+    block size being the optimizer's static configuration). Being a NamedTuple of two arrays, it is a pytree:
     ``jax.tree`` maps, ``jit``, ``vmap`` and Orbax see two plain arrays.
     """
 
-    codes: jax.Array  # shape=(n,), dtype=uint8; index into the code map
-    scales: jax.Array  # shape=(ceil(n / block_size),), dtype=float32; block absmax
+    codes: jax.Array  # shape=params leaf's, dtype=uint8; index into the code map
+    scales: jax.Array  # shape=scale_shape(leaf shape, block_size), dtype=float32; block absmax
 
 
 def num_blocks(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -241,69 +245,251 @@ def num_blocks(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     return -(-int(size) // _check_block_size(block_size))
 
 
-def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE, *, table: Any = None) -> QuantizedArray:
-    """Block-wise absmax quantization of ``x`` (any shape, flattened; any float dtype, cast to float32).
+# ------------------------------------------------------------------ the dynamic maps by arithmetic
+#
+# Map structure (bitsandbytes' dynamic map): besides 0 and 1, the magnitude with index r >= 1
+# (r = code - 127 or 127 - code signed, r = code + 1 unsigned) has n = 2**floor(log2 r),
+# j = r - n, decade k = log2(n) - shift (shift 0 signed, 1 unsigned), and value
+# (0.1 + 0.9 (j + 1/2) / n) * 10**(k-6) = N * A_k with the integer N = 2n + 18j + 9 and
+# A_k = 10**(k-7) / (2n). With A_k = hi_k + lo_k, hi_k of 12 significant bits, N * hi_k is exact
+# in float32 (N < 2**12), so N * hi_k + N * lo_k rounds once whether or not a backend contracts it
+# into an FMA: both roundings equal the map for all 256 codes (checked at import, below).
+# Encoding compares |y| with the 8 midpoints between decades (exact, they are the map's own
+# float32 midpoints) to find the decade, estimates j from |y| * 10**(7-k), and corrects the
+# estimate by one step each way against the two intra-decade midpoints around it, computed as
+# the map's: (v_j + v_{j+1}) * 0.5 in float32. Ties go to the lower code, as searchsorted's.
+
+
+def _decade_constants(signed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    shift = 0 if signed else 1
+    m = SIGNED_DYNAMIC_MAP if signed else UNSIGNED_DYNAMIC_MAP
+    mids = midpoints(m)
+    hi, lo = np.zeros(7, np.float32), np.zeros(7, np.float32)
+    for k in range(7):
+        n = 2 ** (k + shift)
+        a = 10.0 ** (k - 7) / (2 * n)
+        q = 2.0 ** (np.floor(np.log2(a)) - 11)
+        hi[k] = np.float32(np.round(a / q) * q)
+        lo[k] = np.float32(a - float(hi[k]))
+        for j in range(n):  # both roundings (FMA or not) give the map's value
+            big = np.float32(2 * n + 18 * j + 9)
+            want = m[(127 + n + j) if signed else (n + j - 1)]
+            plain = np.float32(big * hi[k]) + np.float32(big * lo[k])
+            fused = np.float32(float(big) * float(hi[k]) + float(big) * float(lo[k]))
+            assert float(big) * float(hi[k]) == float(np.float32(big * hi[k])) and plain == want and fused == want
+    first = [(127 + 2**k) if signed else (2 ** (k + 1) - 1) for k in range(7)]
+    bounds = np.array([mids[f - 1] for f in first] + [mids[254]], np.float32)  # below decade k, and below 1.0
+    inv = np.array([10.0 ** (7 - k) for k in range(7)], np.float32)  # exact integers
+    return hi, lo, bounds, inv
+
+
+_DECADES = {s: _decade_constants(s) for s in (True, False)}
+
+
+def _dynamic_kind(code: np.ndarray) -> bool | None:
+    """``True``/``False`` for the signed/unsigned dynamic map, ``None`` for another map."""
+    for signed, m in ((True, SIGNED_DYNAMIC_MAP), (False, UNSIGNED_DYNAMIC_MAP)):
+        if code is m or np.array_equal(code.view(np.uint32), m.view(np.uint32)):
+            return signed
+    return None
+
+
+def _pick(k: jax.Array, table: np.ndarray) -> jax.Array:
+    """``table[k]`` for a 7-entry constant by selects (a gather of a small table is slow on TPU)."""
+    out = jnp.full(k.shape, table[0], table.dtype)
+    for i in range(1, len(table)):
+        out = jnp.where(k == i, table[i], out)
+    return out
+
+
+def _magnitude(n: jax.Array, j: jax.Array, hi: jax.Array, lo: jax.Array) -> jax.Array:
+    big = (2 * n + 18 * j + 9).astype(jnp.float32)
+    return big * hi + big * lo
+
+
+def dynamic_decode(codes: jax.Array, signed: bool) -> jax.Array:
+    """``SIGNED_DYNAMIC_MAP[codes]`` (or the unsigned map's) by arithmetic: float32 values, exactly the map's.
+
+    >>> bool(jnp.all(dynamic_decode(jnp.arange(256), True) == SIGNED_DYNAMIC_MAP))
+    True
+    """
+    hi_t, lo_t, _, _ = _DECADES[signed]
+    c = codes.astype(jnp.int32)
+    r = jnp.abs(c - 127) if signed else c + 1
+    e = (jax.lax.bitcast_convert_type(jnp.maximum(r, 1).astype(jnp.float32), jnp.int32) >> 23) - 127  # floor(log2 r)
+    n = jnp.left_shift(jnp.int32(1), e)
+    k = jnp.clip(e - (0 if signed else 1), 0, 6)
+    v = _magnitude(n, r - n, _pick(k, hi_t), _pick(k, lo_t))
+    zero, one = (127, 255) if signed else (0, 255)
+    if signed:
+        v = jnp.where(c < 127, -v, v)
+    return jnp.where(c == zero, jnp.float32(0), jnp.where(c == one, jnp.float32(1), v))
+
+
+def dynamic_encode(y: jax.Array, signed: bool) -> jax.Array:
+    """The nearest code of float32 ``y`` in the signed/unsigned dynamic map (int32; ties to the lower
+    code; NaN to the code of 0): the codes of ``searchsorted(midpoints(map), y)``, by arithmetic.
+
+    >>> dynamic_encode(jnp.array([0.0, 1.0, -0.5, 0.2421875]), True).tolist()
+    [127, 255, 35, 201]
+    """
+    hi_t, lo_t, bounds, inv = _DECADES[signed]
+    shift = 0 if signed else 1
+    y = y.astype(jnp.float32)
+    a = jnp.abs(y)
+    neg = jnp.signbit(y)
+    # decade: how many decade bounds lie below |y| (a negative tie goes to the larger magnitude,
+    # i.e. the lower code; the signed map has no -1.0, so a negative |y| stops at decade 6)
+    big = jnp.zeros(y.shape, jnp.int32)
+    for i, t in enumerate(bounds):
+        above = a > t
+        if signed:
+            above = jnp.where(neg, (a >= t) if i < 7 else False, above)
+        big = big + above.astype(jnp.int32)
+    k = jnp.clip(big - 1, 0, 6)
+    n = jnp.left_shift(jnp.int32(1), k + shift)
+    nf = n.astype(jnp.float32)
+    t = (a * _pick(k, inv) - jnp.float32(1)) * (nf * np.float32(1.0 / 9.0))
+    j0 = jnp.clip(jnp.floor(t), 0, nf - 1).astype(jnp.int32)
+    hi, lo = _pick(k, hi_t), _pick(k, lo_t)
+    vm, v0, vp = _magnitude(n, j0 - 1, hi, lo), _magnitude(n, j0, hi, lo), _magnitude(n, j0 + 1, hi, lo)
+    mid_lo, mid_hi = (vm + v0) * jnp.float32(0.5), (v0 + vp) * jnp.float32(0.5)
+    if signed:
+        down = jnp.where(neg, a < mid_lo, a <= mid_lo)
+        up = jnp.where(neg, a >= mid_hi, a > mid_hi)
+    else:
+        down, up = a <= mid_lo, a > mid_hi
+    j = j0 - ((j0 >= 1) & down).astype(jnp.int32) + ((j0 <= n - 2) & up).astype(jnp.int32)
+    r = n + j
+    if signed:
+        c = jnp.where(neg, 127 - r, 127 + r)
+        return jnp.where(big == 0, 127, jnp.where(big == 8, 255, c))
+    c = jnp.where(big == 0, 0, jnp.where(big == 8, 255, r - 1))
+    return jnp.where(neg, 0, c)  # a negative value's nearest code in [0, 1] is 0
+
+
+def scale_shape(shape: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, ...]:
+    """The shape of a leaf's block scales: blocks are ``block_size`` consecutive elements in C order.
+
+    Where the last axes hold whole blocks (``prod(shape[a:]) % block_size == 0`` for some axis ``a``;
+    the largest such ``a`` is taken), the scales keep the leading axes: ``shape[:a] +
+    (prod(shape[a:]) // block_size,)``, so a sharding of the leading axes (or of axis ``a`` in whole
+    blocks) applies to the scales as it does to the codes, and no block straddles a shard.
+    Otherwise (the size is not a multiple of the block size) the last block is partial and the
+    scales are 1-D: ``(ceil(size / block_size),)``.
+
+    >>> scale_shape((768, 2304)), scale_shape((3, 3, 64, 128)), scale_shape((50, 100))
+    ((768, 9), (3, 3, 32), (20,))
+    """
+    bs = _check_block_size(block_size)
+    shape = _shape_of(shape)
+    for a in range(len(shape) - 1, -1, -1):
+        tail = math.prod(shape[a:])
+        if tail % bs == 0:
+            return shape[:a] + (tail // bs,)
+    return (num_blocks(math.prod(shape), bs),)
+
+
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """``x`` as ``scale_shape + (block_size,)`` (whole blocks: a reshape of its last axes; else ravel and pad)."""
+    ss = scale_shape(x.shape, block_size)
+    n = x.size
+    if math.prod(ss) * block_size == n:
+        return x.reshape(ss + (block_size,))
+    return jnp.pad(jnp.ravel(x), (0, math.prod(ss) * block_size - n)).reshape(ss + (block_size,))
+
+
+def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    n = math.prod(shape)
+    if b.size == n:
+        return b.reshape(shape)
+    return b.reshape(-1)[:n].reshape(shape)
+
+
+def block_absmax(blocks: jax.Array) -> jax.Array:
+    """Each block's largest magnitude (last axis), ``NaN`` if the block holds a NaN, subnormals as 0.
+
+    One integer max over the float32 bit patterns with the sign bit cleared: for non-negative floats
+    the integer order is the float order, and every NaN pattern is above ``inf``'s, so one reduce
+    both finds the maximum and propagates NaN (a float max does not reliably on XLA:CPU).
+    """
+    bits = jax.lax.bitcast_convert_type(blocks.astype(jnp.float32), jnp.int32) & jnp.int32(0x7FFFFFFF)
+    bits = jnp.where(bits < jnp.int32(0x00800000), jnp.int32(0), bits)  # |x| < FLT_MIN counts as 0
+    top = jnp.max(bits, axis=-1)
+    return jnp.where(top > jnp.int32(0x7F800000), jnp.float32(jnp.nan), jax.lax.bitcast_convert_type(top, jnp.float32))
+
+
+def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+    """Block-wise absmax quantization of ``x`` (any shape; any float dtype, cast to float32).
 
     ``code`` is a map of 256 sorted float32 values (a NumPy constant such as
     :data:`SIGNED_DYNAMIC_MAP`); the scheme is in the module docstring. Pure JAX:
-    jittable, vmappable (over a leading batch axis of ``x``, giving batched codes and
-    scales), and correct on sharded inputs (an elementwise map and a per-block max).
+    jittable, vmappable, and shardable like ``x`` (see :func:`scale_shape`). The two dynamic
+    maps encode by arithmetic (:func:`dynamic_encode`: no gather, no table); another map by
+    ``searchsorted`` over its midpoints (the same codes).
 
-    ``table``: :func:`encoder_table` of ``code`` (as an array), to search by one lookup instead
-    of ``searchsorted`` (the same codes; compiles much faster: pass one array to every leaf's
-    call under one ``jit``).
-
-    Returns ``QuantizedArray(codes uint8[n], scales float32[ceil(n / block_size)])``.
+    Returns ``QuantizedArray(codes uint8 shaped like x, scales float32[scale_shape(x.shape)])``.
     """
     c = _check_code(code)
     bs = _check_block_size(block_size)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
-    n = x.size
-    nb = num_blocks(n, bs)
-    flat = jnp.ravel(x).astype(jnp.float32)
-    flat = jnp.where(jnp.abs(flat) < FLT_MIN, jnp.float32(0), flat)
-    blocks = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    # XLA's vectorized CPU reduce-max does not reliably propagate NaN (it did for 256-element blocks, not 2048)
-    scales = jnp.where(jnp.any(jnp.isnan(blocks), axis=1), jnp.float32(jnp.nan), absmax)
+    blocks = _blocks(x.astype(jnp.float32), bs)
+    blocks = jnp.where(jnp.abs(blocks) < FLT_MIN, jnp.float32(0), blocks)  # subnormal inputs count as 0
+    scales = block_absmax(blocks)
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
-    y = blocks * (jnp.float32(1) / divisor)[:, None]
-    if table is not None:
-        idx = encode_with_table(y, table, zero_code(c))
+    y = blocks * (jnp.float32(1) / divisor)[..., None]
+    signed = _dynamic_kind(c)
+    if signed is not None:
+        idx = dynamic_encode(y, signed)
     else:
         idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
         idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
-    codes = idx.astype(jnp.uint8).reshape(nb * bs)[:n]
-    return QuantizedArray(codes, scales)
+    return QuantizedArray(_unblocks(idx.astype(jnp.uint8), x.shape), scales)
 
 
 def dequantize(
     q: QuantizedArray, code: Any, shape: Any, block_size: int = DEFAULT_BLOCK_SIZE, dtype: Any = jnp.float32
 ) -> jax.Array:
-    """``code[codes] * scale`` per block, reshaped to ``shape`` (an int tuple, or a leaf whose ``.shape`` is used).
+    """``code[codes] * scale`` per block, in ``shape`` (an int tuple, or a leaf whose ``.shape`` is used).
 
     Results below the smallest normal float32 are 0 (as on XLA's CPU backend, which
     flushes subnormals; written out so that every backend and the C++ kernel agree).
+    Takes the first 8-bit layout too (1-D codes and scales, see :func:`as_layout`).
     """
     c = _check_code(code)
     bs = _check_block_size(block_size)
     shape = _shape_of(shape)
-    n = math.prod(shape)
-    nb = num_blocks(n, bs)
-    codes, scales = q
-    if codes.shape != (n,) or scales.shape != (nb,):
-        raise ValueError(
-            f"QuantizedArray of codes{list(codes.shape)}, scales{list(scales.shape)} does not fit shape {shape} "
-            f"with block_size={bs} (expected codes[{n}], scales[{nb}])"
-        )
-    padded = jnp.pad(codes, (0, nb * bs - n)).reshape(nb, bs)
-    values = jnp.asarray(c)[padded.astype(jnp.int32)] * scales.astype(jnp.float32)[:, None]
+    codes, scales = as_layout(q, shape, bs)
+    signed = _dynamic_kind(c)
+    values = (
+        dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
+    )
+    values = _blocks(values, bs) * scales.astype(jnp.float32)[..., None]
     values = jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values)
-    return values.reshape(nb * bs)[:n].reshape(shape).astype(dtype)
+    return _unblocks(values, shape).astype(dtype)
+
+
+def as_layout(q: QuantizedArray, shape: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+    """``q`` in the current layout for a leaf of ``shape``: codes shaped like the leaf, scales of
+    :func:`scale_shape`. A state of the first 8-bit layout (codes ``uint8[n]``, scales
+    ``float32[ceil(n / block_size)]``; the same blocks in the same order) is reshaped; anything
+    else is a ``ValueError``."""
+    shape = _shape_of(shape)
+    n = math.prod(shape)
+    ss = scale_shape(shape, block_size)
+    codes, scales = q
+    if tuple(codes.shape) == shape and tuple(scales.shape) == ss:
+        return QuantizedArray(codes, scales)
+    if tuple(codes.shape) in {(n,), shape} and tuple(scales.shape) in {(math.prod(ss),), ss}:
+        return QuantizedArray(codes.reshape(shape), scales.reshape(ss))
+    raise ValueError(
+        f"QuantizedArray of codes{list(codes.shape)}, scales{list(scales.shape)} does not fit shape {list(shape)} "
+        f"with block_size={block_size} (expected codes{list(shape)}, scales{list(ss)})"
+    )
 
 
 def _shape_of(shape_or_leaf: Any) -> tuple[int, ...]:
@@ -326,11 +512,11 @@ def quantized_zeros(shape_or_leaf: Any, code: Any, block_size: int = DEFAULT_BLO
 
     >>> q = quantized_zeros((3, 100), UNSIGNED_DYNAMIC_MAP, block_size=256)
     >>> q.codes.shape, q.scales.shape
-    ((300,), (2,))
+    ((3, 100), (2,))
     """
     bs = _check_block_size(block_size)
-    n = math.prod(_shape_of(shape_or_leaf))
-    return QuantizedArray(jnp.full((n,), zero_code(code), jnp.uint8), jnp.zeros((num_blocks(n, bs),), jnp.float32))
+    shape = _shape_of(shape_or_leaf)
+    return QuantizedArray(jnp.full(shape, zero_code(code), jnp.uint8), jnp.zeros(scale_shape(shape, bs), jnp.float32))
 
 
 def quantized_nbytes(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -355,69 +541,3 @@ def bytes_per_param(state: Any, params: Any) -> float:
     if n == 0:
         raise ValueError("`params` has no elements")
     return tree_nbytes(state) / n
-
-
-def _one_minus(b: float) -> np.float32:
-    return np.float32(1.0 - float(b))  # Python-double subtraction rounded once (Keras)
-
-
-def adam_step_8bit(
-    g: jax.Array,
-    p: jax.Array,
-    m_q: QuantizedArray,
-    v_q: QuantizedArray,
-    *,
-    count: Any,
-    learning_rate: Any,
-    beta_1: float = 0.9,
-    beta_2: float = 0.999,
-    epsilon: float = 1e-7,
-    weight_decay: float | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    m_code: Any = SIGNED_DYNAMIC_MAP,
-    v_code: Any = UNSIGNED_DYNAMIC_MAP,
-) -> tuple[jax.Array, QuantizedArray, QuantizedArray]:
-    r"""One Keras-Adam step for one leaf with 8-bit moments: dequantize, step in float32, requantize.
-
-    .. code-block:: text
-
-        m, v    = dequantize(m_q), dequantize(v_q)            # float32
-        t       = f32(count + 1)
-        alpha   = (lr * sqrt(1 - b2**t)) / (1 - b1**t)        # float32, XLA pow
-        m       = m + (g - m) * f32(1 - beta_1)
-        v       = v + (g*g - v) * f32(1 - beta_2)
-        step    = (m * alpha) / (sqrt(v) + f32(epsilon))      # "epsilon hat", float32 m and v
-        updates = -step [- p * weight_decay * lr]  cast to p.dtype
-        m_q, v_q = quantize(m, m_code), quantize(v, v_code)
-
-    The step uses this step's float32 moments; only what is stored is rounded (as in
-    bitsandbytes). ``count`` is the number of completed steps (int32, may be traced),
-    ``learning_rate`` a float or a traced float32 scalar. ``p + updates`` is Keras'
-    new parameter. Returns ``(updates, m_q, v_q)``.
-
-    >>> import jax.numpy as jnp
-    >>> p = jnp.ones((300,)); g = jnp.full((300,), 0.5)
-    >>> m = quantized_zeros(p, SIGNED_DYNAMIC_MAP); v = quantized_zeros(p, UNSIGNED_DYNAMIC_MAP)
-    >>> u, m, v = adam_step_8bit(g, p, m, v, count=0, learning_rate=0.001)
-    >>> round(float(u[0]), 10)  # Keras' first step: about -lr (float32 1 - beta_2 vs 1 - beta_2**1, SEMANTICS 1.2)
-    -0.0009999869
-    """
-    f32 = jnp.float32
-    shape = p.shape
-    g32 = jnp.asarray(g).astype(f32)
-    p32 = jnp.asarray(p).astype(f32)
-    if g32.shape != shape:
-        raise ValueError(f"`g` has shape {g32.shape}, params leaf has shape {shape}")
-    m = dequantize(m_q, m_code, shape, block_size)
-    v = dequantize(v_q, v_code, shape, block_size)
-    lr = jnp.asarray(learning_rate, f32)
-    t = (jnp.asarray(count, jnp.int32) + 1).astype(f32)
-    b1, b2 = f32(beta_1), f32(beta_2)
-    b1p, b2p = jnp.power(b1, t), jnp.power(b2, t)
-    alpha = (lr * jnp.sqrt(f32(1) - b2p)) / (f32(1) - b1p)
-    m = m + (g32 - m) * _one_minus(beta_1)
-    v = v + (g32 * g32 - v) * _one_minus(beta_2)
-    u = -((m * alpha) / (jnp.sqrt(v) + f32(epsilon)))
-    if weight_decay:
-        u = u - (p32 * f32(weight_decay)) * lr
-    return u.astype(p.dtype), quantize(m, m_code, block_size), quantize(v, v_code, block_size)

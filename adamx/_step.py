@@ -155,22 +155,19 @@ def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, 
     return _moments.adam_leaf(g, m, v, v_max, asc, form="kernel", mode="hat")
 
 
-def encoder_tables() -> dict[StateField, Any]:
-    """The 8-bit encoders' lookup tables (:func:`adamx._quantize.encoder_table`) as arrays, per
-    quantized field: made once per step and shared by every leaf, so one ``jit`` holds one copy."""
-    out: dict[StateField, Any] = {}
-    for f in ("mu", "nu"):
-        t = _quantize.encoder_table(code_map(f))
-        if t is not None:
-            out[f] = jnp.asarray(t)
-    if "nu" in out:
-        out["nu_max"] = out["nu"]
-    return out
+def one_rounding(xs: Any) -> Any:
+    """``xs`` computed once for all their consumers, on CPU only.
+
+    On XLA:CPU an optimization barrier keeps XLA from recomputing a value per consumer with
+    another FMA contraction, so the stored codes, the block absmax and the direction see one
+    rounding (the fused kernel's); it costs nothing there. On GPU/TPU it would force the float32
+    moments out to memory (3x the step's bytes), so it is left out: there the codes are still
+    today's scheme of the values they encode (docs/quantized_state.md, "bit identities").
+    """
+    return jax.lax.platform_dependent(xs, cpu=jax.lax.optimization_barrier, default=lambda v: v)
 
 
-def moments_8bit(
-    sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: int, tables: dict[StateField, Any] | None = None
-) -> tuple[Any, Any, Any, Any]:
+def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: int) -> tuple[Any, Any, Any, Any]:
     """:func:`moments` on a unit whose moments may be :class:`adamx.QuantizedArray`: dequantize
     (to float32), the float32 step, requantize (``quantize_moments=True``; docs/quantized_state.md).
 
@@ -186,13 +183,10 @@ def moments_8bit(
         for x, q, f in zip((m, v, v_max), qs, names)
     )
     d, m2, v2, x2 = moments(sc, g, m32, v32, x32)
-    # The new moments feed the direction, the block absmax and the codes: computed once (XLA
-    # could otherwise recompute them per consumer with other FMA contractions; the fused
-    # kernel's rounding is that of one computation).
-    d, m2, v2, x2 = jax.lax.optimization_barrier((d, m2, v2, x2))
-    tables = tables or {}
+    # The new moments feed the direction, the block absmax and the codes: one rounding on CPU.
+    d, m2, v2, x2 = one_rounding((d, m2, v2, x2))
     m2, v2, x2 = (
-        _quantize.quantize(x, code_map(f), block_size, table=tables.get(f)) if q else x
+        _quantize.quantize(x, code_map(f), block_size) if q else x
         for x, q, f in zip((m2, v2, x2), qs, names)
     )
     return d, m2, v2, x2
@@ -269,12 +263,8 @@ def direction(
             g_u, acc = window_mean(spec, g_u, st.acc)
         g_u = clip(spec, g_u, split, join)
         bs = spec.quantize_block_size
-        tables = encoder_tables() if spec.quantize_moments else None
         d_u, mu, nu, nm = (
-            list(x)
-            for x in zip(
-                *(moments_8bit(sc, *a, block_size=bs, tables=tables) for a in zip(g_u, st.mu, st.nu, st.nu_max))
-            )
+            list(x) for x in zip(*(moments_8bit(sc, *a, block_size=bs) for a in zip(g_u, st.mu, st.nu, st.nu_max)))
         )
         return (d_u if finish is None else finish(d_u, sc)), Moments(acc, mu, nu, nm)
 

@@ -16,8 +16,19 @@ f32 = np.float32
 FLT_MIN = np.finfo(np.float32).tiny
 
 
+def scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """The scales' shape: the leading axes kept where the last axes hold whole blocks (the largest
+    such split), else 1-D ``ceil(n / block_size)`` (blocks are consecutive elements in C order)."""
+    for a in range(len(shape) - 1, -1, -1):
+        tail = math.prod(shape[a:])
+        if tail % block_size == 0:
+            return tuple(shape[:a]) + (tail // block_size,)
+    return (-(-math.prod(shape) // block_size),)
+
+
 def quantize(x: np.ndarray, code: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes uint8[n], scales float32[ceil(n / block_size)])``, one block at a time."""
+    """``(codes uint8 shaped like x, scales float32[scale_shape])``, one block at a time."""
+    shape = np.shape(x)
     flat = np.asarray(x).astype(np.float32).ravel()
     n = flat.size
     nb = -(-n // block_size)
@@ -39,11 +50,12 @@ def quantize(x: np.ndarray, code: np.ndarray, block_size: int) -> tuple[np.ndarr
         idx[np.isnan(y)] = zero
         codes[b * block_size : (b + 1) * block_size] = idx
         scales[b] = scale
-    return codes, scales
+    return codes.reshape(shape), scales.reshape(scale_shape(shape, block_size))
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, code: np.ndarray, block_size: int, shape) -> np.ndarray:
     n = math.prod(shape)
+    codes, scales = np.ravel(codes), np.ravel(scales)
     out = np.empty(n, np.float32)
     for b in range(scales.size):
         sl = slice(b * block_size, min(n, (b + 1) * block_size))

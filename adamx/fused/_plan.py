@@ -202,6 +202,11 @@ def _plan_tree(
         return "optimizer state does not match params", None
     f32 = jnp.dtype(jnp.float32)
     quantized = [isinstance(m, _quantize.QuantizedArray) for m in mu_l]
+    try:  # a state of the first 8-bit layout (1-D codes and scales) goes on in today's layout
+        mu_l, nu_l = _as_layouts(spec, mu_l, p_l), _as_layouts(spec, nu_l, p_l)
+        nm_l = _as_layouts(spec, nm_l, p_l) if nm_l is not None else None
+    except ValueError:
+        return "8-bit optimizer state does not match params (codes or scales; another quantize_block_size?)", None
     for i, (g, p, m, v) in enumerate(zip(g_l, p_l, mu_l, nu_l)):
         reason = _leaf_dtype_problem(g, p)
         if reason:
@@ -232,17 +237,28 @@ def _plan_tree(
     return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None, quantized, comp_l)
 
 
+def _as_layouts(spec: AdamSpec, xs: list, p_l: list) -> list:
+    """8-bit leaves in today's layout (:func:`adamx._quantize.as_layout`); other leaves as they are."""
+    return [
+        _quantize.as_layout(x, jnp.shape(p), spec.quantize_block_size)
+        if isinstance(x, _quantize.QuantizedArray)
+        else x
+        for x, p in zip(xs, p_l)
+    ]
+
+
 def _quantized_leaf_problem(spec: AdamSpec, g: Any, p: Any, m: Any, v: Any, vm: Any) -> str | None:
-    """Why the kernel cannot take a leaf with 8-bit moments (codes u8[n], scales f32[nb]), or ``None``."""
-    n = int(np.prod(jnp.shape(p), dtype=np.int64))
-    nb = _quantize.num_blocks(n, spec.quantize_block_size)
+    """Why the kernel cannot take a leaf with 8-bit moments (codes u8 like p, scales f32 of
+    :func:`adamx._quantize.scale_shape`), or ``None``."""
+    shape = tuple(jnp.shape(p))
+    ss = _quantize.scale_shape(shape, spec.quantize_block_size)
     for x in (m, v) + ((vm,) if spec.amsgrad else ()):
         if not isinstance(x, _quantize.QuantizedArray):
             return "optimizer state does not match params (mu is 8-bit, nu or nu_max is not)"
         c, sc = x
-        if jnp.dtype(c.dtype) != jnp.dtype(jnp.uint8) or tuple(c.shape) != (n,):
+        if jnp.dtype(c.dtype) != jnp.dtype(jnp.uint8) or tuple(c.shape) != shape:
             return "8-bit optimizer state does not match params (codes)"
-        if jnp.dtype(sc.dtype) != jnp.dtype(jnp.float32) or tuple(sc.shape) != (nb,):
+        if jnp.dtype(sc.dtype) != jnp.dtype(jnp.float32) or tuple(sc.shape) != ss:
             return "8-bit optimizer state does not match params (scales; another quantize_block_size?)"
         if is_sharded(c) or is_sharded(sc):
             return "arrays are sharded over several devices"
