@@ -465,9 +465,7 @@ def dequantize(
     shape = _shape_of(shape)
     codes, scales = as_layout(q, shape, bs)
     signed = _dynamic_kind(c)
-    values = (
-        dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
-    )
+    values = dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
     values = _blocks(values, bs) * scales.astype(jnp.float32)[..., None]
     values = jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values)
     return _unblocks(values, shape).astype(dtype)

@@ -186,8 +186,7 @@ def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: in
     # The new moments feed the direction, the block absmax and the codes: one rounding on CPU.
     d, m2, v2, x2 = one_rounding((d, m2, v2, x2))
     m2, v2, x2 = (
-        _quantize.quantize(x, code_map(f), block_size) if q else x
-        for x, q, f in zip((m2, v2, x2), qs, names)
+        _quantize.quantize(x, code_map(f), block_size) if q else x for x, q, f in zip((m2, v2, x2), qs, names)
     )
     return d, m2, v2, x2
 

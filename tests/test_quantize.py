@@ -14,7 +14,6 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -606,7 +605,9 @@ def test_arithmetic_codec_gives_searchsorted_codes(tag):
     adversarial blocks (ties, subnormals, NaN/inf, zero blocks); ``dynamic_decode`` is the map."""
     code = np.ascontiguousarray(MAPS[tag])
     signed = tag == "signed"
-    np.testing.assert_array_equal(np.asarray(Q.dynamic_decode(jnp.arange(256), signed)).view(np.uint32), code.view(np.uint32))
+    np.testing.assert_array_equal(
+        np.asarray(Q.dynamic_decode(jnp.arange(256), signed)).view(np.uint32), code.view(np.uint32)
+    )
     mids = Q.midpoints(code)
     near = (mids.view(np.int32)[:, None] + np.arange(-300, 301, dtype=np.int32)[None, :]).ravel().view(np.float32)
     sweep = np.arange(0, 0x40000001, 997, dtype=np.int64).astype(np.int32).view(np.float32)

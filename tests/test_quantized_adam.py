@@ -361,7 +361,9 @@ def test_min_size_and_mask_keep_float32_leaves():
             assert tree["emb"].dtype == jnp.float32 and tree["emb"].shape == (64, 128)  # masked out
             assert tree["dense"]["b"].dtype == jnp.float32  # below quantize_min_size
             assert isinstance(tree["dense"]["w"], Q.QuantizedArray)
-            assert tree["dense"]["w"].codes.dtype == jnp.uint8 and tree["dense"]["w"].scales.shape == (32,)  # 128 x 64: C-order blocks, 1-D scales
+            assert tree["dense"]["w"].codes.dtype == jnp.uint8 and tree["dense"]["w"].scales.shape == (
+                32,
+            )  # 128 x 64: C-order blocks, 1-D scales
             assert not isinstance(tree["i"], Q.QuantizedArray)  # not a float parameter
         assert st.mu["dense"]["w"].codes.shape == (128, 64)
         assert st.mu["dense"]["w"].codes[0, 0] == Q.zero_code(Q.SIGNED_DYNAMIC_MAP)

@@ -240,9 +240,7 @@ def _plan_tree(
 def _as_layouts(spec: AdamSpec, xs: list, p_l: list) -> list:
     """8-bit leaves in today's layout (:func:`adamx._quantize.as_layout`); other leaves as they are."""
     return [
-        _quantize.as_layout(x, jnp.shape(p), spec.quantize_block_size)
-        if isinstance(x, _quantize.QuantizedArray)
-        else x
+        _quantize.as_layout(x, jnp.shape(p), spec.quantize_block_size) if isinstance(x, _quantize.QuantizedArray) else x
         for x, p in zip(xs, p_l)
     ]
 
