@@ -41,11 +41,12 @@ others as ``±0`` (fp8) or the code of 0 (4-bit ``m``; ``v`` has no 0: code 0); 
 is NaN. A float32 subnormal input encodes as a zero code either way (``|x / scale|`` is far below
 the smallest e4m3fn or the first 4-bit threshold), so flushing subnormals (XLA:CPU) changes nothing.
 
-Elementwise work, per element (``jax.jit(...).lower(x).as_text()``, ignoring the per-block max):
-``fp8_encode`` 4 ops (``|x|`` for the max, ``x * 0``, ``+ scale``, ``/``, then the conversion: 5);
-``fp8_decode`` 2 (convert, multiply); ``m4_encode`` / ``v4_encode`` 4 + 15 compares + 15 adds
-(the compares' conversions fuse); ``m4_decode`` 4 bit tests + 15 selects + 1 multiply;
-``v4_decode`` 3 (convert, ``(c + 1) * 1/16``, multiply; exact). ``pack4``: 2 per byte; ``unpack4``: 2.
+Elementwise work, per element: full-size ops in the optimized XLA:CPU HLO of a (4096, 256) input
+(``jax.jit(f).lower(x).compile().as_text()``; the per-block max and NaN check each add a compare or ``abs``):
+``fp8_encode`` 6 (``abs``, ``isnan``, ``x * 0``, ``+ scale``, divide, convert); ``fp8_decode`` 2;
+``m4_encode`` / ``v4_encode`` 49 (``abs``, ``isnan``, ``x * 0``, ``+``, divide, then 15 compares,
+15 converts and 15 adds); ``m4_decode`` 28 (4 x shift, and, compare; 15 selects; multiply);
+``v4_decode`` 4 (convert, ``+ 1``, ``* 1/16``, ``* scale``); ``pack4`` 2 per byte; ``unpack4`` 2.
 
 Why ``x / (scale + x * 0)``: XLA rewrites a division by a broadcast into a multiplication by the
 reciprocal, which rounds differently from torch's true division. Adding ``x * 0`` (which XLA does not
