@@ -24,6 +24,7 @@ LAYERS = [
     ["adamx._hyper", "adamx._tree", "adamx.schedules"],
     [
         "adamx._quantize",
+        "adamx._lowbit",
         "adamx._flat",
         "adamx._clipping",
         "adamx._decay",
