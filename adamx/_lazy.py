@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
 
-from adamx import _clipping, _hyper, _moments, _tree
+from adamx import _checks, _clipping, _hyper, _moments, _tree
 
 EpsilonMode = Literal["hat", "paper"]
 
@@ -505,10 +505,7 @@ def _check_frozen_grad(path: str, g: Any, p: Any) -> None:
 
 def _check_grad_dtype(path: str, gdt: Any, p: Any) -> None:
     if not jnp.issubdtype(gdt, jnp.inexact):
-        raise ValueError(
-            f"grads at '{path}' is {gdt.name} for a {jnp.result_type(p).name} params leaf: a float leaf needs "
-            "a float gradient (an integer or float0 gradient would leave it frozen)."
-        )
+        raise ValueError(_checks.grad_dtype_error(path, gdt, jnp.result_type(p)))
     if jnp.issubdtype(gdt, jnp.complexfloating):
         raise ValueError(f"grads at '{path}' is {gdt.name}: a real params leaf needs a real gradient.")
 
