@@ -474,9 +474,9 @@ def step(
 
 
 def _no_update(p: Any) -> Any:
-    """The update of a leaf without a gradient: ``None`` for a trained leaf (optax skips it),
-    zeros of its dtype for an integer/bool leaf (left alone)."""
-    return None if _trainable(p) else jnp.zeros(jnp.shape(p), jnp.result_type(p))
+    """The update of a leaf without a gradient or left alone (integer/bool): zeros of its dtype,
+    so ``optax.apply_updates`` takes it (as :func:`adamx.adam`)."""
+    return jnp.zeros(jnp.shape(p), jnp.result_type(p))
 
 
 def _trainable(p: Any) -> bool:
