@@ -60,7 +60,7 @@ def _grads(p: dict, i: int, scale: float = 1.0, dtype: Any = None) -> dict:
 
 
 def _close(got: Any, want: Any, what: str, rtol: float = 2e-6) -> None:
-    got, want = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
+    got, want = np.asarray(got).astype(np.complex128), np.asarray(want).astype(np.complex128)
     assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
     assert np.allclose(got, want, rtol=rtol, atol=rtol * 1e-2), f"{what}: {got.ravel()[:4]} vs {want.ravel()[:4]}"
 
@@ -70,7 +70,7 @@ def _unscaled(g: Any, s: float) -> Any:
     """What the scaler hands the inner optimizer: ``g / s`` in float32 (or wider), back in g's dtype."""
     if g is None or not jnp.issubdtype(g.dtype, jnp.inexact):
         return g
-    wide = np.float64 if g.dtype == np.float64 else np.float32
+    wide = g.dtype.type if jnp.dtype(g.dtype).itemsize >= 4 else np.float32  # float32, float64 or complex
     return jnp.asarray((np.asarray(g).astype(wide) / wide(s)).astype(g.dtype))
 
 
