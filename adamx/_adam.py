@@ -35,7 +35,7 @@ class _Update:
     ) -> tuple[optax.Updates, AdamState]:
         del extra
         spec = self.spec
-        _checks.check_state(spec, state, params)
+        _checks.check_state(spec, state, params, grads)
         if spec.flat_state:
             if params is None:
                 raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _flat, _tree
+from adamx import _flat, _quantize, _tree
 from adamx._spec import STATE_FIELDS, AdamSpec
-from adamx._state import AdamState, AnyAdamState, KahanAdamState, layout
+from adamx._state import QUANTIZED_FIELDS, AdamState, AnyAdamState, KahanAdamState, layout
 
 # The option that switches each optional state field on.
 _OPTION_OF = {
@@ -115,12 +115,41 @@ def check_state(spec: AdamSpec, state: Any, params: Any, grads: Any = None) -> N
                 f"state field `{f}` holds {got}, but this optimizer (flat_state={spec.flat_state}) keeps {want}; "
                 f"{_REBUILD}."
             )
+    if grads is not None and params is not None:
+        check_grad_dtypes(grads, params)
     if spec.flat_state:
         if params is not None:
             _check_flat(spec, state, jax.tree_util.tree_leaves(params), spec.quantized_leaves(params))
         return
     ref = params if params is not None else state.mu
     _check_tree(spec, state, ref, params is not None)
+    check_quantized(spec, state, ref, params)
+
+
+def grad_dtype_error(path: str, grad_dtype: Any, param_dtype: Any) -> str:
+    """The message refusing an integer, bool or ``float0`` gradient for a float params leaf."""
+    return (
+        f"grads at '{path}' is {jnp.dtype(grad_dtype).name} for a {jnp.dtype(param_dtype).name} params leaf: a "
+        "float parameter needs a float gradient (an integer gradient would leave it frozen silently)."
+    )
+
+
+def check_grad_dtypes(grads: Any, params: Any) -> None:
+    """Refuse a non-float gradient for a float params leaf, naming the path. Integer and bool
+    params take any gradient (they are left alone); structure mismatches are reported later,
+    by the step, with the first differing path."""
+    treedef: Any = jax.tree_util.tree_structure(params)
+    try:
+        g_l = treedef.flatten_up_to(grads)
+    except (ValueError, TypeError):
+        return
+    paths = None
+    for i, (g, p) in enumerate(zip(g_l, treedef.flatten_up_to(params))):
+        gsd, psd = _shape_dtype(g), _shape_dtype(p)
+        if gsd is None or psd is None or not is_trainable(psd[1]) or is_trainable(gsd[1]):
+            continue
+        paths = paths or _tree.leaf_paths(params)
+        raise ValueError(grad_dtype_error(paths[i], gsd[1], psd[1]))
 
 
 def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Any, have_params: bool) -> None:
@@ -154,6 +183,44 @@ def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Any, have_params: bool
                         f"for {sp[1].name} params (mu_dtype={_name(spec.mu_dtype)}, "
                         f"nu_dtype={_name(spec.nu_dtype)}); {_REBUILD}."
                     )
+
+
+def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Any, params: Any) -> None:
+    """Tree state: each moment leaf is 8-bit (a :class:`adamx.QuantizedArray`) exactly where this
+    optimizer quantizes (``quantize_moments``, ``quantize_min_size``, ``quantize_mask``), with the
+    codes and scales its ``quantize_block_size`` gives; a ``ValueError`` naming field, path and
+    option otherwise. Without params (and ``quantize_moments`` on) it cannot tell: skipped."""
+    if params is None and spec.quantize_moments:
+        return
+    treedef: Any = jax.tree_util.tree_structure(ref)
+    want = spec.quantized_leaves(params) if params is not None else [False] * treedef.num_leaves
+    opts = (
+        f"quantize_moments={spec.quantize_moments}, quantize_min_size={spec.quantize_min_size}, "
+        f"quantize_block_size={spec.quantize_block_size}"
+    )
+    paths = _tree.leaf_paths(ref)
+    for f in (f for f in QUANTIZED_FIELDS if f in spec.fields_on):
+        for path, x, q, p in zip(paths, treedef.flatten_up_to(getattr(state, f)), want, treedef.flatten_up_to(ref)):
+            if isinstance(x, _quantize.QuantizedArray) != q:
+                got, keeps = ("8-bit (a QuantizedArray)", "float") if not q else ("float", "8-bit")
+                raise ValueError(
+                    f"state field `{f}` at '{path}' is {got}, this optimizer ({opts}) keeps it {keeps}; {_REBUILD}."
+                )
+            if q:
+                _check_blocks(spec, f, path, x, p)
+
+
+def _check_blocks(spec: AdamSpec, field: str, path: str, x: Any, p: Any) -> None:
+    n = int(np.prod(jnp.shape(p), dtype=np.int64))
+    nb = _quantize.num_blocks(n, spec.quantize_block_size)
+    got = [(tuple(jnp.shape(a)), jnp.dtype(a.dtype).name) for a in (x.codes, x.scales)]
+    want = [((n,), "uint8"), ((nb,), "float32")]
+    if got != want:
+        raise ValueError(
+            f"state field `{field}` at '{path}' holds 8-bit codes and scales {got}, this optimizer "
+            f"(quantize_block_size={spec.quantize_block_size}) needs {want}: the state was built with another "
+            f"block size or for other params; {_REBUILD}."
+        )
 
 
 def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Any], quantized: list[bool]) -> None:

@@ -4,11 +4,34 @@ A table leaf gets a row gradient (a ``jax.experimental.sparse.BCOO`` whose indic
 are row numbers, one row of values each). Only the rows it names change: their
 moments and weights are gathered, updated and scattered back; every other row's
 weight and moments stay bit-for-bit as they were. Other leaves get ordinary Adam.
+Row indices may have any integer dtype; their range is checked in that dtype. Integer and
+bool params are left alone; a float leaf given an integer gradient is refused (naming its
+path), as is a state of other params. Optax transformations map over a ``BCOO``'s indices
+like any array leaf: clip with lazy_adam's own options, and scale ``update``'s output only
+where it is dense.
+
+Which library does which (read from their source):
+
+* TF Addons ``LazyAdam`` (``_resource_apply_sparse``): the "hat" rows of :func:`lazy_adam`, op
+  for op (textbook moments, ``1 - beta`` computed in float32, ``beta^t`` by
+  ``pow``, default epsilon 1e-7). Its dense leaves run Keras (legacy) Adam.
+* ``torch.optim.SparseAdam`` (torch 2.13, ``torch/optim/_functional.py``) is
+  **also the epsilon-hat form**: ``denom = sqrt(v) + eps`` on the raw second
+  moment and ``step_size = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`` in float64.
+  Its moments use the form ``m += (g - m) * (1 - beta_1)`` and its default
+  ``eps`` is 1e-8. To migrate use ``epsilon_mode="hat", epsilon=1e-8``: the
+  results agree to float32 rounding (about 1e-7 relative after 30 steps; tested
+  against stored SparseAdam runs). Its ``step`` is per parameter tensor and only
+  advances when that tensor has a gradient; here ``t`` counts every ``update``.
+* ``epsilon_mode="paper"``: epsilon added to the bias-corrected ``sqrt(v_hat)``,
+  as optax's and ``torch.optim.Adam``'s dense Adam (none of the sparse
+  optimizers above).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -17,7 +40,7 @@ import numpy as np
 import optax
 from jax.experimental import sparse as jsparse
 
-from adamx import _clipping, _hyper, _moments, _tree
+from adamx import _checks, _clipping, _hyper, _moments, _tree
 
 EpsilonMode = Literal["hat", "paper"]
 
@@ -33,27 +56,32 @@ class LazyAdamState(NamedTuple):
 
 
 class _Update:
-    """``update`` of a :class:`LazyAdam`: carries its options and the shared step."""
+    """``update`` of a :class:`LazyAdam`: carries its spec (it survives optax rebuilding the tuple)."""
 
     __name__ = "update"
 
-    def __init__(self, hyperparams: dict[str, Any], step: Callable[..., tuple[Any, Any]]) -> None:
-        self.hyperparams = dict(hyperparams)
-        self.step = step
+    def __init__(self, spec: LazyAdamSpec) -> None:
+        self.spec = spec
 
     def __call__(self, grads: Any, state: LazyAdamState, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         del extra
-        return self.step(grads, state, params, apply=False)
+        return step(self.spec, grads, state, params, apply=False)
 
 
 class LazyAdam(optax.GradientTransformationExtraArgs):
-    """An ``optax.GradientTransformationExtraArgs`` with an in-place ``apply_gradients``."""
+    """An ``optax.GradientTransformationExtraArgs`` with ``spec`` and an in-place ``apply_gradients``."""
+
+    @property
+    def spec(self) -> LazyAdamSpec:
+        """The options this optimizer was built with."""
+        update: Any = self.update
+        spec: LazyAdamSpec = update.spec
+        return spec
 
     @property
     def hyperparams(self) -> dict[str, Any]:
         """The arguments :func:`lazy_adam` was called with (a copy)."""
-        update: Any = self.update
-        return dict(update.hyperparams)
+        return self.spec.hyperparams
 
     def apply_gradients(self, grads: optax.Updates, state: LazyAdamState, params: optax.Params) -> tuple[Any, Any]:
         """``(new_params, new_state)``: the same numbers as ``update`` + ``optax.apply_updates``.
@@ -68,8 +96,7 @@ class LazyAdam(optax.GradientTransformationExtraArgs):
         order; donating ``(state, params)`` pairs the table's output with ``mu``'s buffer
         and XLA copies every table.
         """
-        update: Any = self.update
-        return update.step(grads, state, params, apply=True)
+        return step(self.spec, grads, state, params, apply=True)
 
 
 def row_gradient(indices: Any, row_grads: Any, num_rows: int) -> jsparse.BCOO:
@@ -108,23 +135,53 @@ def row_gradient(indices: Any, row_grads: Any, num_rows: int) -> jsparse.BCOO:
     return jsparse.BCOO((rg.reshape((n, *row_shape)), idx.reshape(n, 1)), shape=(int(num_rows), *row_shape))
 
 
-def _validate(a: dict[str, Any]) -> None:
-    _hyper.check_scalar("learning_rate", a["learning_rate"], lo=0.0, allow_schedule=True)
-    _hyper.check_scalar("beta_1", a["beta_1"], lo=0.0, hi=1.0, hi_open=True)
-    _hyper.check_scalar("beta_2", a["beta_2"], lo=0.0, hi=1.0, hi_open=True)
-    _hyper.check_scalar("epsilon", a["epsilon"], lo=0.0)
-    if a["epsilon_mode"] not in ("hat", "paper"):
-        raise ValueError(f"`epsilon_mode` must be 'hat' or 'paper', got {a['epsilon_mode']!r}.")
-    if a["weight_decay"] is not None:
-        _hyper.check_scalar("weight_decay", a["weight_decay"], lo=0.0, allow_schedule=True)
-    set_clips = [k for k in _CLIP_ARGS if a[k] is not None]
-    if len(set_clips) > 1:
-        raise ValueError(
-            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
-            f"Received: {', '.join(f'{k}={a[k]}' for k in set_clips)}."
-        )
-    for k in set_clips:
-        _hyper.check_scalar(k, a[k], lo=0.0, lo_open=True)
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyAdamSpec:
+    """The options of a :func:`lazy_adam`, validated once when built (errors name the argument)."""
+
+    learning_rate: _hyper.ScalarOrSchedule = 0.001
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    epsilon_mode: EpsilonMode = "hat"
+    weight_decay: _hyper.ScalarOrSchedule | None = None
+    clipnorm: float | None = None
+    clipvalue: float | None = None
+    global_clipnorm: float | None = None
+
+    def __post_init__(self) -> None:
+        _hyper.check_scalar("learning_rate", self.learning_rate, lo=0.0, allow_schedule=True)
+        _hyper.check_scalar("beta_1", self.beta_1, lo=0.0, hi=1.0, hi_open=True)
+        _hyper.check_scalar("beta_2", self.beta_2, lo=0.0, hi=1.0, hi_open=True)
+        _hyper.check_scalar("epsilon", self.epsilon, lo=0.0)
+        if self.epsilon_mode not in ("hat", "paper"):
+            raise ValueError(f"`epsilon_mode` must be 'hat' or 'paper', got {self.epsilon_mode!r}.")
+        if self.weight_decay is not None:
+            _hyper.check_scalar("weight_decay", self.weight_decay, lo=0.0, allow_schedule=True)
+        set_clips = [k for k in _CLIP_ARGS if getattr(self, k) is not None]
+        if len(set_clips) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                f"Received: {', '.join(f'{k}={getattr(self, k)}' for k in set_clips)}."
+            )
+        for k in set_clips:
+            _hyper.check_scalar(k, getattr(self, k), lo=0.0, lo_open=True)
+
+    @property
+    def hyperparams(self) -> dict[str, Any]:
+        """The options as a dict keyed by argument name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def decay_on(self) -> bool:
+        """Whether weight decay runs (set, and not the constant 0)."""
+        wd = self.weight_decay
+        return wd is not None and (_hyper.is_schedule(wd) or _hyper.concrete(wd) != 0.0)
+
+    @property
+    def form(self) -> _moments.MomentForm:
+        """The moment form of dense leaves: Keras's ``kernel`` form ("hat"), optax's ``textbook`` ("paper")."""
+        return "kernel" if self.epsilon_mode == "hat" else "textbook"
 
 
 class _Rows(NamedTuple):
@@ -145,10 +202,8 @@ def _dedup(g: jsparse.BCOO, cd: Any) -> _Rows:
     """
     n_rows = g.shape[0]
     nnz = g.indices.shape[0]
-    idx = g.indices[:, 0].astype(jnp.int32)
+    idx = _row_numbers(g.indices[:, 0], n_rows)
     sentinel = jnp.int32(n_rows)
-    idx = jnp.where(idx < 0, idx + sentinel, idx)
-    idx = jnp.where((idx >= 0) & (idx < n_rows), idx, sentinel)
     uniq, inv = jnp.unique(idx, size=nnz, fill_value=sentinel, return_inverse=True)
     inv = inv.reshape(nnz)
     summed = jax.ops.segment_sum(g.data.astype(cd), inv, num_segments=nnz)
@@ -158,6 +213,21 @@ def _dedup(g: jsparse.BCOO, cd: Any) -> _Rows:
     pad_b = pad.reshape((nnz,) + (1,) * (summed.ndim - 1))
     summed = jnp.where(pad_b, jnp.zeros((), cd), summed)
     return _Rows(uniq, summed)
+
+
+def _row_numbers(idx: jax.Array, n_rows: int) -> jax.Array:
+    """Row numbers as int32, ``n_rows`` for every ignored index. The range is checked in the
+    indices' own dtype (widened to int32 first if narrower), before the cast, so a uint32 or
+    int64 index past int32 cannot wrap onto another row."""
+    if jnp.dtype(idx.dtype).itemsize < 4:
+        idx = idx.astype(jnp.int32)  # int8/int16/uint8/uint16: lossless, and idx + n_rows cannot overflow
+    top = jnp.asarray(n_rows, idx.dtype)
+    if jnp.issubdtype(idx.dtype, jnp.signedinteger):
+        idx = jnp.where(idx < 0, idx + top, idx)
+        ok = (idx >= 0) & (idx < top)
+    else:
+        ok = idx < top
+    return jnp.where(ok, idx, top).astype(jnp.int32)
 
 
 def _gather(x: jax.Array, rows: jax.Array) -> jax.Array:
@@ -210,22 +280,7 @@ def lazy_adam(
         #   "hat":   Keras 3 Adam (adamx.adam): m = m + (g - m) * (1 - beta_1), ...
         #   "paper": optax.adam: the textbook moments and the paper step above
 
-    Which library does which (read from their source):
-
-    * TF Addons ``LazyAdam`` (``_resource_apply_sparse``): the "hat" rows above, op
-      for op (textbook moments, ``1 - beta`` computed in float32, ``beta^t`` by
-      ``pow``, default epsilon 1e-7). Its dense leaves run Keras (legacy) Adam.
-    * ``torch.optim.SparseAdam`` (torch 2.13, ``torch/optim/_functional.py``) is
-      **also the epsilon-hat form**: ``denom = sqrt(v) + eps`` on the raw second
-      moment and ``step_size = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)`` in float64.
-      Its moments use the form ``m += (g - m) * (1 - beta_1)`` and its default
-      ``eps`` is 1e-8. To migrate use ``epsilon_mode="hat", epsilon=1e-8``: the
-      results agree to float32 rounding (about 1e-7 relative after 30 steps; tested
-      against stored SparseAdam runs). Its ``step`` is per parameter tensor and only
-      advances when that tensor has a gradient; here ``t`` counts every ``update``.
-    * ``epsilon_mode="paper"``: epsilon added to the bias-corrected ``sqrt(v_hat)``,
-      as optax's and ``torch.optim.Adam``'s dense Adam (none of the sparse
-      optimizers above).
+    Which library does which: see the module's docstring.
 
     Unlike this, Keras 3's and TF1's Adam (and :func:`adamx.adam`) given a sparse
     gradient behave as with the dense scatter-summed gradient: every row's moments
@@ -271,7 +326,7 @@ def lazy_adam(
       >>> [round(float(x), 4) for x in params["emb"][:, 0]]
       [0.9, 1.0, 0.9, 1.0]
     """
-    hp: dict[str, Any] = dict(
+    spec = LazyAdamSpec(
         learning_rate=learning_rate,
         beta_1=beta_1,
         beta_2=beta_2,
@@ -282,123 +337,214 @@ def lazy_adam(
         clipvalue=clipvalue,
         global_clipnorm=global_clipnorm,
     )
-    _validate(hp)
-    decay_on = weight_decay is not None and (_hyper.is_schedule(weight_decay) or _hyper.concrete(weight_decay) != 0.0)
+    return LazyAdam(functools.partial(init, spec), _Update(spec))
 
-    def init_fn(params: optax.Params) -> LazyAdamState:
-        return LazyAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=_zeros_state(params),
-            nu=_zeros_state(params),
-        )
 
-    def scalars(n: jax.Array) -> tuple[Any, Any, Any, Any]:
-        """``(lr, wd, sparse_scalars, dense_scalars)`` for the step after ``n`` calls."""
-        lr = _hyper.value_at(learning_rate, n, jnp.float32)
-        wd = _hyper.value_at(weight_decay, n, jnp.float32) if decay_on and weight_decay is not None else None
-        if epsilon_mode == "hat":
-            sp = _moments.adam_scalars(beta_1, beta_2, epsilon, 0.0, n, alpha_lr=lr, keras_rounding=False, mode="hat")
-            de = _moments.adam_scalars(beta_1, beta_2, epsilon, 0.0, n, alpha_lr=lr, keras_rounding=True, mode="hat")
+def init(spec: LazyAdamSpec, params: optax.Params) -> LazyAdamState:
+    """The initial state of ``spec`` for ``params``: count 0, zero moments (float32 at least)."""
+    del spec  # every option shares one state layout
+    _check_params(params)
+    return LazyAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=_moments.moment_buffers(params, None),
+        nu=_moments.moment_buffers(params, None, second=True),
+    )
+
+
+class _Scalars(NamedTuple):
+    """One step's scalars: the lr, the decay rate (``None`` without decay) and Adam's scalars
+    for the touched rows (``sparse``) and for dense leaves."""
+
+    lr: jax.Array
+    wd: jax.Array | None
+    sparse: _moments.AdamScalars
+    dense: _moments.AdamScalars
+
+
+def scalars(spec: LazyAdamSpec, n: jax.Array) -> _Scalars:
+    """The scalars of the step after ``n`` calls. The rows take TF Addons' ``1 - beta`` rounded
+    in float32 ("hat"); dense leaves Keras's (``adamx.adam``)."""
+    lr = _hyper.value_at(spec.learning_rate, n, jnp.float32)
+    wd = spec.weight_decay
+    wd = _hyper.value_at(wd, n, jnp.float32) if spec.decay_on and wd is not None else None
+    b1, b2, eps = spec.beta_1, spec.beta_2, spec.epsilon
+    mode = spec.epsilon_mode
+    de = _moments.adam_scalars(b1, b2, eps, 0.0, n, alpha_lr=lr, keras_rounding=True, mode=mode)
+    sp = _moments.adam_scalars(b1, b2, eps, 0.0, n, alpha_lr=lr, keras_rounding=False, mode=mode)
+    return _Scalars(lr, wd, sp if mode == "hat" else de, de)
+
+
+def leaf_update(
+    spec: LazyAdamSpec, g: Any, m: Any, v: Any, p: Any, sc: _Scalars, *, rows: bool
+) -> tuple[Any, Any, Any]:
+    """``(update in p's dtype, m, v)`` for gathered rows (``rows=True``) or a whole dense leaf.
+
+    Adam's arithmetic is :func:`adamx._moments.adam_leaf`'s (the rows always take the
+    textbook moments, TF Addons'); decay is Keras's ``p * wd * lr``, on these rows only.
+    """
+    form: _moments.MomentForm = "textbook" if rows else spec.form
+    d, m2, v2, _ = _moments.adam_leaf(g, m, v, None, sc.sparse if rows else sc.dense, form=form, mode=spec.epsilon_mode)
+    u = -d
+    if sc.wd is not None:
+        cd = u.dtype
+        u = u - (p.astype(cd) * sc.wd.astype(cd)) * sc.lr.astype(cd)
+    return u.astype(jnp.result_type(p)), m2, v2
+
+
+class _Prepared(NamedTuple):
+    """Each leaf's gradient in the compute dtype (``None``: no gradient or left alone) and,
+    for a table leaf, its touched rows (``None`` for a dense leaf)."""
+
+    g: list[Any]
+    rows: list[jax.Array | None]
+
+
+def _prepare(paths: list[str], g_l: list[Any], p_l: list[Any]) -> _Prepared:
+    """De-duplicate row gradients and check every gradient against its leaf, naming the path."""
+    rows: list[jax.Array | None] = []
+    gs: list[Any] = []
+    for path, g, p in zip(paths, g_l, p_l):
+        cd = _tree.compute_dtype(jnp.result_type(p))
+        if g is None or not _trainable(p):
+            _check_frozen_grad(path, g, p)
+            rows.append(None)
+            gs.append(None)
+        elif isinstance(g, jsparse.BCOO):
+            _check_row_grad(path, g, p)
+            dd = _dedup(g, cd)
+            rows.append(dd.rows)
+            gs.append(dd.g)
+        elif hasattr(g, "shape") and hasattr(g, "dtype"):
+            if tuple(g.shape) != tuple(jnp.shape(p)):
+                raise ValueError(
+                    f"grads do not match params at '{path}': grads has shape {tuple(g.shape)}, "
+                    f"params has shape {tuple(jnp.shape(p))}"
+                )
+            _check_grad_dtype(path, jnp.dtype(g.dtype), p)
+            rows.append(None)
+            gs.append(jnp.asarray(g).astype(cd))
         else:
-            sp = de = _moments.adam_scalars(
-                beta_1, beta_2, epsilon, 0.0, n, alpha_lr=lr, keras_rounding=True, mode="paper"
+            raise ValueError(f"grads do not match params at '{path}': grads has {type(g).__name__}")
+    return _Prepared(gs, rows)
+
+
+def step(
+    spec: LazyAdamSpec, grads: Any, state: LazyAdamState, params: Any, *, apply: bool
+) -> tuple[Any, LazyAdamState]:
+    """One step, shared by ``update`` (``apply=False``: returns updates) and ``apply_gradients``
+    (``apply=True``: returns the new params, rows scattered in place)."""
+    if params is None:
+        raise ValueError("adamx.lazy_adam needs the params: call update(grads, state, params).")
+    treedef: Any = jax.tree_util.tree_structure(params)
+    try:
+        g_l = treedef.flatten_up_to(grads)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"grads do not match params: {_tree._first_mismatch(grads, params)}") from e
+    check_state(state, params)
+    p_l = treedef.flatten_up_to(params)
+    mu_l, nu_l = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    n = state.count
+    sc = scalars(spec, n)
+    prep = _prepare(_tree.leaf_paths(params), g_l, p_l)
+    mode, threshold = _clipping.clip_mode_of(spec.clipnorm, spec.global_clipnorm, spec.clipvalue)
+    gs = _clipping.clip_units(mode, threshold, prep.g)
+    out_l, mu_n, nu_n = [], [], []
+    for g, r, p, m, v in zip(gs, prep.rows, p_l, mu_l, nu_l):
+        if g is None:
+            out_l.append(p if apply else _no_update(p))
+            mu_n.append(m)
+            nu_n.append(v)
+        elif r is None:
+            u, m2, v2 = leaf_update(spec, g, m, v, p, sc, rows=False)
+            out_l.append(optax.apply_updates(p, u) if apply else u)
+            mu_n.append(m2)
+            nu_n.append(v2)
+        else:
+            p_rows = _gather(p, r)
+            u, m2, v2 = leaf_update(spec, g, _gather(m, r), _gather(v, r), p_rows, sc, rows=True)
+            mu_n.append(_scatter(m, r, m2))
+            nu_n.append(_scatter(v, r, v2))
+            if apply:
+                new_rows = jnp.asarray(p_rows + u).astype(p_rows.dtype)  # as optax.apply_updates
+                out_l.append(_scatter(p, r, new_rows))
+            else:
+                out_l.append(jsparse.BCOO((u, r[:, None]), shape=p.shape, indices_sorted=True, unique_indices=True))
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+    return unflat(out_l), LazyAdamState(count=optax.safe_increment(n), mu=unflat(mu_n), nu=unflat(nu_n))
+
+
+def _no_update(p: Any) -> Any:
+    """The update of a leaf without a gradient or left alone (integer/bool): zeros of its dtype,
+    so ``optax.apply_updates`` takes it (as :func:`adamx.adam`)."""
+    return jnp.zeros(jnp.shape(p), jnp.result_type(p))
+
+
+def _trainable(p: Any) -> bool:
+    return bool(jnp.issubdtype(jnp.result_type(p), jnp.inexact))
+
+
+def _check_params(params: Any) -> None:
+    for path, p in zip(_tree.leaf_paths(params), jax.tree_util.tree_leaves(params)):
+        if jnp.issubdtype(jnp.result_type(p), jnp.complexfloating):
+            raise ValueError(
+                f"params leaf at '{path}' is {jnp.result_type(p).name}: lazy_adam trains real tables "
+                "(use adamx.adam for complex params)."
             )
-        return lr, wd, sp, de
 
-    def leaf_update(g: Any, m: Any, v: Any, p: Any, sc: Any, form: Any, lr: Any, wd: Any) -> tuple[Any, Any, Any]:
-        """``(update in p's dtype, m, v)`` for rows (or a whole dense leaf) ``g, m, v, p``."""
-        cd = g.dtype
-        m2, v2 = _moments.update_moments(
-            g, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form
+
+def _check_frozen_grad(path: str, g: Any, p: Any) -> None:
+    """An integer/bool leaf is left alone: its gradient may be ``None``, ``float0``, integer or bool."""
+    if g is None or _trainable(p) or not hasattr(g, "dtype"):
+        return
+    if isinstance(g, jsparse.BCOO) or jnp.issubdtype(g.dtype, jnp.inexact):
+        raise ValueError(
+            f"grads at '{path}' is a {g.dtype} gradient for an {jnp.result_type(p).name} params leaf: integer "
+            "and bool leaves are left alone, their gradient must be None, float0 or integer."
         )
-        if epsilon_mode == "hat":
-            d = (m2 * sc.alpha.astype(cd)) / (jnp.sqrt(v2) + sc.eps.astype(cd))
-        else:
-            m_hat = m2 / (1 - sc.b1p).astype(cd)
-            v_hat = v2 / (1 - sc.b2p).astype(cd)
-            d = (m_hat / (jnp.sqrt(v_hat) + sc.eps.astype(cd))) * lr.astype(cd)
-        u = -d
-        if wd is not None:
-            u = u - (p.astype(cd) * wd.astype(cd)) * lr.astype(cd)
-        return u.astype(p.dtype), m2.astype(m.dtype), v2.astype(v.dtype)
 
-    clip_mode, clip_threshold = _clipping.clip_mode_of(clipnorm, global_clipnorm, clipvalue)
 
-    def step(grads: Any, state: LazyAdamState, params: Any, apply: bool) -> tuple[Any, LazyAdamState]:
-        """Shared by ``update`` (``apply=False``: returns updates) and ``apply_gradients``."""
-        if params is None:
-            raise ValueError("adamx.lazy_adam needs the params: call update(grads, state, params).")
-        treedef: Any = jax.tree_util.tree_structure(params)
+def _check_grad_dtype(path: str, gdt: Any, p: Any) -> None:
+    if not jnp.issubdtype(gdt, jnp.inexact):
+        raise ValueError(_checks.grad_dtype_error(path, gdt, jnp.result_type(p)))
+    if jnp.issubdtype(gdt, jnp.complexfloating):
+        raise ValueError(f"grads at '{path}' is {gdt.name}: a real params leaf needs a real gradient.")
+
+
+def check_state(state: Any, params: Any) -> None:
+    """Refuse a state that is not a :class:`LazyAdamState` for ``params``, naming the field and path."""
+    if not isinstance(state, LazyAdamState):
+        raise ValueError(
+            f"`state` is a {type(state).__name__}, not the LazyAdamState of adamx.lazy_adam: build it with "
+            "this optimizer's `init`."
+        )
+    c = state.count
+    if not (hasattr(c, "dtype") and jnp.ndim(c) == 0 and jnp.issubdtype(c.dtype, jnp.integer)):
+        raise ValueError(f"state field `count` must be a 0-d integer array, got {c!r}.")
+    treedef: Any = jax.tree_util.tree_structure(params)
+    paths = _tree.leaf_paths(params)
+    p_l = treedef.flatten_up_to(params)
+    for f in ("mu", "nu"):
+        value = getattr(state, f)
         try:
-            g_l = treedef.flatten_up_to(grads)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"grads do not match params: {_tree._first_mismatch(grads, params)}") from e
-        p_l = treedef.flatten_up_to(params)
-        mu_l = treedef.flatten_up_to(state.mu)
-        nu_l = treedef.flatten_up_to(state.nu)
-        paths = _tree.leaf_paths(params)
-        n = state.count
-        lr, wd, sp_sc, de_sc = scalars(n)
-
-        # 1. sparse leaves: de-duplicate; everything: cast to the compute dtype, check shapes
-        rows: list[jax.Array | None] = []
-        gs: list[Any] = []
-        for path, g, p in zip(paths, g_l, p_l):
-            cd = _tree.compute_dtype(jnp.result_type(p))
-            if g is None:
-                rows.append(None)
-                gs.append(None)
-            elif isinstance(g, jsparse.BCOO):
-                _check_row_grad(path, g, p)
-                dd = _dedup(g, cd)
-                rows.append(dd.rows)
-                gs.append(dd.g)
-            elif hasattr(g, "shape") and hasattr(g, "dtype"):
-                if tuple(g.shape) != tuple(jnp.shape(p)):
-                    raise ValueError(
-                        f"grads do not match params at '{path}': grads has shape {tuple(g.shape)}, "
-                        f"params has shape {tuple(jnp.shape(p))}"
-                    )
-                rows.append(None)
-                gs.append(jnp.asarray(g).astype(cd))
-            else:
-                raise ValueError(f"grads do not match params at '{path}': grads has {type(g).__name__}")
-        gs = _clipping.clip_units(clip_mode, clip_threshold, gs)
-
-        # 2. Adam on the touched rows (gather, update, scatter) or on the whole leaf
-        out_l, mu_n, nu_n = [], [], []
-        for g, r, p, m, v in zip(gs, rows, p_l, mu_l, nu_l):
-            if g is None:
-                out_l.append(p if apply else None)
-                mu_n.append(m)
-                nu_n.append(v)
-            elif r is None:
-                u, m2, v2 = leaf_update(g, m, v, p, de_sc, "kernel" if epsilon_mode == "hat" else "textbook", lr, wd)
-                out_l.append(optax.apply_updates(p, u) if apply else u)
-                mu_n.append(m2)
-                nu_n.append(v2)
-            else:
-                p_rows = _gather(p, r)
-                u, m2, v2 = leaf_update(g, _gather(m, r), _gather(v, r), p_rows, sp_sc, "textbook", lr, wd)
-                mu_n.append(_scatter(m, r, m2))
-                nu_n.append(_scatter(v, r, v2))
-                if apply:
-                    new_rows = jnp.asarray(p_rows + u).astype(p_rows.dtype)  # as optax.apply_updates
-                    out_l.append(_scatter(p, r, new_rows))
-                else:
-                    out_l.append(jsparse.BCOO((u, r[:, None]), shape=p.shape, indices_sorted=True, unique_indices=True))
-        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-        return unflat(out_l), LazyAdamState(count=optax.safe_increment(n), mu=unflat(mu_n), nu=unflat(nu_n))
-
-    return LazyAdam(init_fn, _Update(hp, step))
-
-
-def _zeros_state(params: Any) -> Any:
-    return jax.tree.map(lambda p: _tree.zeros_like(p, _tree.compute_dtype(jnp.result_type(p))), params)
+            leaves = treedef.flatten_up_to(value)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"state field `{f}` does not match params: {_tree._first_mismatch(value, params)} (the state was "
+                "built for other params; build it with this optimizer's `init`)."
+            ) from None
+        for path, x, p in zip(paths, leaves, p_l):
+            want = (tuple(jnp.shape(p)), _tree.compute_dtype(jnp.result_type(p)))
+            got = (tuple(getattr(x, "shape", ())), jnp.dtype(getattr(x, "dtype", type(x))))
+            if got != want:
+                raise ValueError(
+                    f"state field `{f}` at '{path}' is {got[1].name}{list(got[0])}, this optimizer keeps "
+                    f"{want[1].name}{list(want[0])} for these params (the state was built for other params; build "
+                    "it with this optimizer's `init`)."
+                )
 
 
 def _check_row_grad(path: str, g: jsparse.BCOO, p: Any) -> None:
-    """A table leaf's ``BCOO`` must be a row gradient with the table's shape."""
+    """A table leaf's ``BCOO`` must be a row gradient with the table's shape and integer rows."""
     if tuple(g.shape) != tuple(jnp.shape(p)):
         raise ValueError(
             f"grads do not match params at '{path}': the BCOO gradient has shape {tuple(g.shape)}, "
@@ -411,3 +557,11 @@ def _check_row_grad(path: str, g: jsparse.BCOO, p: Any) -> None:
             f"n_sparse={g.n_sparse}, n_dense={g.n_dense}. Build it with adamx.row_gradient(indices, row_grads, "
             "num_rows)."
         )
+    if not jnp.issubdtype(g.indices.dtype, jnp.integer):
+        raise TypeError(
+            f"the row gradient at '{path}' has {g.indices.dtype} indices: a transformation before lazy_adam "
+            "mapped over the BCOO's indices (optax transformations treat them as an array leaf); use "
+            "lazy_adam's own clipnorm/clipvalue/global_clipnorm instead."
+        )
+    if not jnp.issubdtype(g.data.dtype, jnp.floating):
+        raise ValueError(f"the row gradient at '{path}' has {g.data.dtype} data: a real table needs real floats.")

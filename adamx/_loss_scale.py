@@ -73,10 +73,7 @@ class _Update:
         def inner_step(unscaled: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
             return inner_tx.update(unscaled, inner_state, params, **extra)
 
-        def skipped(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-            return jax.tree.map(jnp.zeros_like, grads), inner_state
-
-        return _scaled_step(self.spec, grads, state, params, inner_step, skipped, out_like=grads)
+        return _scaled_step(self.spec, grads, state, params, inner_step, keep_params=False)
 
 
 class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
@@ -108,10 +105,7 @@ class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
                 return inner.apply_gradients(unscaled, inner_state, params)
             return fused.apply_gradients(optax.with_extra_args_support(inner), unscaled, inner_state, params)
 
-        def skipped(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-            return params, inner_state
-
-        return _scaled_step(self.spec, grads, state, params, inner_step, skipped, out_like=params)
+        return _scaled_step(self.spec, grads, state, params, inner_step, keep_params=True)
 
     def get_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
         """The dict Keras's ``LossScaleOptimizer.get_config()`` prints (see :func:`loss_scale_to_keras_config`)."""
@@ -121,6 +115,14 @@ class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
 def _same_types(new: Any, old: Any) -> Any:
     """``lax.cond`` needs both branches to return the same types: keep the input's."""
     return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, old)
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, LossScaleState):
+        raise ValueError(
+            f"`state` is a {type(state).__name__}, not the LossScaleState of adamx.loss_scale_optimizer (a bare "
+            "inner state?): build it with this loss scaler's `init`, which wraps the inner state."
+        )
 
 
 def _next_scalars(
@@ -141,26 +143,35 @@ def _next_scalars(
 
 
 def _scaled_step(
-    spec: LossScaleSpec,
-    grads: Any,
-    state: LossScaleState,
-    params: Any,
-    inner_step: Any,
-    skipped: Any,
-    *,
-    out_like: Any,
+    spec: LossScaleSpec, grads: Any, state: LossScaleState, params: Any, inner_step: Any, *, keep_params: bool
 ) -> tuple[Any, LossScaleState]:
-    """One step: ``inner_step(grads / scale, ...)`` if every gradient is finite, else
-    ``skipped(...)``; then the scale update. ``out_like``: the first output's types."""
+    """One step: ``inner_step(grads / scale, ...)`` if every gradient is finite, else the
+    skipped step; then the scale update. A skipped step returns ``params`` as they came
+    (``keep_params``, ``apply_gradients``) or zero updates with the inner step's types
+    (``update``: the inner step decides the update dtypes, e.g. the params', not the grads')."""
+    _check_state(state)
     finite = all_finite(grads, spec.axis_name)
     inner_in = jax.tree.map(jnp.asarray, state.inner_state)
+    scale = state.scale
 
-    def apply_branch(grads: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
-        unscaled = jax.tree.map(lambda g: _unscale(g, state.scale), grads)
-        out, new_inner = inner_step(unscaled, inner_state, params)
-        return _same_types(out, out_like), _same_types(new_inner, inner_state)
+    def apply_branch(inner_state: Any, params: Any) -> tuple[Any, Any]:
+        out, new_inner = inner_step(jax.tree.map(lambda g: _unscale(g, scale), grads), inner_state, params)
+        return out, _same_types(new_inner, inner_state)
 
-    out, new_inner = jax.lax.cond(finite, apply_branch, skipped, grads, inner_in, params)
+    if keep_params:
+        out_like: Any = params
+    else:
+        out_like = jax.eval_shape(lambda s, p: apply_branch(s, p)[0], inner_in, params)
+
+    def applied(inner_state: Any, params: Any) -> tuple[Any, Any]:
+        out, new_inner = apply_branch(inner_state, params)
+        return (_same_types(out, params) if keep_params else out), new_inner
+
+    def skipped(inner_state: Any, params: Any) -> tuple[Any, Any]:
+        out = params if keep_params else jax.tree.map(jnp.zeros_like, out_like)
+        return out, inner_state
+
+    out, new_inner = jax.lax.cond(finite, applied, skipped, inner_in, params)
     scale, counter, n_skipped = _next_scalars(spec, finite, state)
     return out, LossScaleState(scale, counter, n_skipped, new_inner)
 
@@ -203,21 +214,25 @@ def all_finite(tree: Any, axis_name: AxisName | None = None) -> jax.Array:
     With ``axis_name`` (inside ``shard_map``/``pmap``) the flag is combined over those
     mesh axes with ``jax.lax.pmin``, so every device gets the same answer.
     """
-    leaves = [x for x in jax.tree.leaves(tree) if x is not None]
     finite = jnp.asarray(True)
-    for x in leaves:
-        finite = jnp.logical_and(finite, jnp.all(jnp.isfinite(x)))
+    for x in jax.tree.leaves(tree):
+        if _is_float(x):  # integer, bool and float0 leaves are always finite
+            finite = jnp.logical_and(finite, jnp.all(jnp.isfinite(x)))
     if axis_name is not None:
         finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) == 1
     return finite
+
+
+def _is_float(x: Any) -> bool:
+    return hasattr(x, "dtype") and bool(jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def _unscale(g: Any, scale: jax.Array) -> Any:
     # Keras: ops.divide(g, scale) with the float32 scale (result dtype: g's promoted with
     # float32), then the inner Adam casts the gradient to the variable dtype. Here the
     # quotient goes back to g's dtype, the same rounding for a float16/bfloat16 grad.
-    if g is None:
-        return None
+    if not _is_float(g):  # integer, bool and float0 gradients have nothing to unscale
+        return g
     wide = g.dtype if jnp.dtype(g.dtype).itemsize >= 4 else jnp.dtype(jnp.float32)  # float32 or float64
     return (g.astype(wide) / scale.astype(wide)).astype(g.dtype)
 
@@ -334,19 +349,29 @@ def loss_scale(state: Any) -> jax.Array:
       >>> float(adamx.loss_scale(opt.init({"w": jnp.ones(2)})))
       256.0
     """
-    found = [
-        s
-        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, LossScaleState))
-        if isinstance(s, LossScaleState)
-    ]
+    found = _scale_states(state)
     if len(found) != 1:
         raise ValueError(
-            f"`state` must hold exactly one LossScaleState (from adamx.loss_scale_optimizer), found {len(found)}."
+            f"`state` must hold exactly one LossScaleState (from adamx.loss_scale_optimizer), found {len(found)}"
+            + (
+                " (a loss scaler nested inside another: which scale multiplies the loss is ambiguous)."
+                if found
+                else "."
+            )
         )
     scale = found[0].scale
     if not isinstance(scale, (jax.Array, np.ndarray)) and hasattr(scale, "get_value"):
         scale = scale.get_value()  # an nnx Variable
     return jnp.asarray(scale, jnp.float32)
+
+
+def _scale_states(state: Any) -> list[LossScaleState]:
+    """Every :class:`LossScaleState` in ``state``, also those nested in another's ``inner_state``."""
+    out: list[LossScaleState] = []
+    for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, LossScaleState)):
+        if isinstance(s, LossScaleState):
+            out += [s, *_scale_states(s.inner_state)]
+    return out
 
 
 def loss_scale_to_keras_config(opt: LossScaleOptimizer, *, include_adamx: bool = False) -> dict[str, Any]:

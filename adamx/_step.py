@@ -343,20 +343,23 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AnyAdamState, param
 
 def frozen_leaves(g_l: list[Any], p_l: list[Any], treedef: Any) -> list[bool]:
     """Which leaves are left alone with their gradient ignored: integer and bool params (e.g.
-    step counters kept in params), or leaves whose gradient is integer/bool/``float0``
-    (``jax.grad(..., allow_int=True)``). Their update is zeros, their moments never move."""
+    step counters kept in params), or, without params, leaves whose gradient is
+    integer/bool/``float0`` (``jax.grad(..., allow_int=True)``). Their update is zeros, their
+    moments never move. A float param given an integer, bool or ``float0`` gradient is refused
+    naming its path (it would be frozen silently)."""
     out: list[bool] = []
     for g, p in zip(g_l, p_l):
-        fr = (p is not None and not _checks.is_trainable(jnp.result_type(p))) or (
-            g is not None and not _checks.is_trainable(g.dtype)
-        )
-        if fr and p is None and g is not None and g.dtype == jax.dtypes.float0:
+        g_frozen = g is not None and not _checks.is_trainable(g.dtype)
+        p_frozen = p is not None and not _checks.is_trainable(jnp.result_type(p))
+        if g_frozen and (p is None and g.dtype == jax.dtypes.float0 or p is not None and not p_frozen):
             path = _tree.leaf_paths(jax.tree_util.tree_unflatten(treedef, g_l))[len(out)]
-            raise ValueError(
-                f"grads at '{path}' is float0 (the gradient of an integer parameter): pass the params, "
-                "update(grads, state, params), so its update can be zeros of the parameter's dtype."
-            )
-        out.append(fr)
+            if p is None:
+                raise ValueError(
+                    f"grads at '{path}' is float0 (the gradient of an integer parameter): pass the params, "
+                    "update(grads, state, params), so its update can be zeros of the parameter's dtype."
+                )
+            raise ValueError(_checks.grad_dtype_error(path, g.dtype, jnp.result_type(p)))
+        out.append(p_frozen or g_frozen)
     return out
 
 

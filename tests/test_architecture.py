@@ -30,7 +30,6 @@ LAYERS = [
         "adamx._decay",
         "adamx._moments",
         "adamx._averaging",
-        "adamx._tf1",
         "adamx._rounding",
     ],
     ["adamx._spec"],
@@ -38,7 +37,7 @@ LAYERS = [
     ["adamx._step"],
     ["adamx.fused._build", "adamx.fused._plan", "adamx.fused._kernel", "adamx.fused"],
     ["adamx._adam"],
-    ["adamx._lazy", "adamx._loss_scale"],
+    ["adamx._tf1", "adamx._lazy", "adamx._loss_scale"],
     ["adamx._config", "adamx.sharding"],
 ]
 ORDER = {m: i for i, m in enumerate(m for layer in LAYERS for m in layer)}

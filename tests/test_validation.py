@@ -67,7 +67,7 @@ def test_adamw_requires_weight_decay():
 
 
 def test_tf1_and_blocks_validate():
-    with pytest.raises(ValueError, match="`beta_1`"):
+    with pytest.raises(ValueError, match="`beta1`"):
         adamx.tf1_adam(beta1=1.0)
     with pytest.raises(ValueError, match="`epsilon`"):
         adamx.tf1_adam(epsilon=-1.0)
