@@ -211,11 +211,15 @@ def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Any, params: Any) 
 
 
 def _check_blocks(spec: AdamSpec, field: str, path: str, x: Any, p: Any) -> None:
-    n = int(np.prod(jnp.shape(p), dtype=np.int64))
-    nb = _quantize.num_blocks(n, spec.quantize_block_size)
+    """Codes shaped like ``p`` and scales of :func:`adamx._quantize.scale_shape`, or the first 8-bit
+    layout of the same blocks (1-D codes and scales), which the step converts."""
+    shape = tuple(int(d) for d in jnp.shape(p))
+    n = int(np.prod(shape, dtype=np.int64))
+    ss = _quantize.scale_shape(shape, spec.quantize_block_size)
+    nb = int(np.prod(ss, dtype=np.int64))
     got = [(tuple(jnp.shape(a)), jnp.dtype(a.dtype).name) for a in (x.codes, x.scales)]
-    want = [((n,), "uint8"), ((nb,), "float32")]
-    if got != want:
+    want = [(shape, "uint8"), (ss, "float32")]
+    if got != want and got != [((n,), "uint8"), ((nb,), "float32")]:
         raise ValueError(
             f"state field `{field}` at '{path}' holds 8-bit codes and scales {got}, this optimizer "
             f"(quantize_block_size={spec.quantize_block_size}) needs {want}: the state was built with another "
