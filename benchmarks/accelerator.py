@@ -561,6 +561,7 @@ def _compile_and_measure(
             init = jax.jit(tx.init).lower(params).compile()
             # a leaf that init makes from constants alone (the step count) comes back on the host's
             # default device: it is replicated over the mesh
+            assert mesh is not None
             on_mesh = lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())  # noqa: E731
             state = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)),
@@ -575,7 +576,7 @@ def _compile_and_measure(
 
     n_dev = 1 if layout == "single" else 4
     per_device = m.n_params / n_dev
-    text = compiled.as_text()
+    text = compiled.as_text() or ""
     ks = kernels(text)
     own = sum(k.bytes for k in ks)
     xla = xla_bytes_accessed(text)
@@ -583,12 +584,13 @@ def _compile_and_measure(
         m.bytes_per_param = own / per_device
         m.xla_bytes_per_param = None if xla is None else xla / per_device
     else:
-        cost = compiled.cost_analysis()
+        cost: Any = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         m.bytes_per_param = float(cost["bytes accessed"]) / per_device
         m.xla_bytes_per_param = own / per_device  # the TPU's own figure first, our kernel count as the check
     m.ideal_per_param = (2 * _tree_bytes(params) + 2 * _tree_bytes(state) + _tree_bytes(grads)) / m.n_params
-    m.temp_per_param = compiled.memory_analysis().temp_size_in_bytes / per_device
+    memory: Any = compiled.memory_analysis()
+    m.temp_per_param = memory.temp_size_in_bytes / per_device
     smallest = min(math.prod(x) for x in shapes.values()) / n_dev
     m.kernels_per_leaf = sum(k.bytes >= smallest for k in ks) / m.n_leaves
     m.state_bytes = _tree_bytes(state)
@@ -669,7 +671,7 @@ def run(targets: Sequence[str], option_sets: Sequence[str], gpt2: bool, log: Cal
                 peer = measure(t, o, layout=layout, peer=True)
                 if o == "float32":
                     f32 = mine
-                row = {
+                row: dict[str, Any] = {
                     "adamx": dataclasses.asdict(mine),
                     "peer": dataclasses.asdict(peer),
                     "goals": goals(mine, peer, f32),
