@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench bench-quick bench-features clean
+.PHONY: demo test test-accel lint bench bench-quick bench-features clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ lint: $(VENV)/.base
 	$(VENV)/bin/mypy
 
 test: lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 ADAMX_KERNEL_WERROR=1 $(VENV)/bin/pytest -q
+	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 ADAMX_KERNEL_WERROR=1 $(VENV)/bin/pytest -q
+
+# the accelerator check: the step compiled deviceless for a TPU v5e and an H100 (tests/accel/)
+test-accel: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[test,accel]"
+	@echo "test-accel: tests/accel/test_tpu.py (TPU v5e, libtpu) and tests/accel/test_gpu.py (H100, jax CUDA plugin)"
+	JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=-1 ADAMX_REQUIRE_ACCEL=1 $(VENV)/bin/pytest -q -rA tests/accel
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py
