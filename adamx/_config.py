@@ -6,7 +6,7 @@ from typing import Any
 
 from adamx import _loss_scale, schedules
 from adamx._adam import Adam, adam
-from adamx._spec import ADAMX_KEYS, KERAS3_KEYS
+from adamx._spec import ADAMX_KEYS, KERAS3_KEYS, options_table
 
 # Keys only older tf.keras (TF 2.x) printed: accepted, and what they mean.
 LEGACY_KEYS = ("decay", "jit_compile", "is_legacy_optimizer", "lr")
@@ -99,14 +99,13 @@ def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOpt
     cfg.pop("is_legacy_optimizer", None)
     decay = cfg.pop("decay", None)
 
-    lr = cfg.pop("learning_rate", 0.001)
-    if isinstance(lr, dict):
-        lr = schedules.deserialize(lr)
+    table = options_table()
+    kwargs = {k: table[k].read(v) for k, v in cfg.items() if k != "name"}  # each field as its Option reads it
+    lr = kwargs.pop("learning_rate", 0.001)
     if decay:
         if isinstance(lr, schedules.KerasSchedule):
             raise ValueError("A legacy `decay` together with a learning-rate schedule is not supported.")
         lr = schedules.InverseTimeDecay(float(lr), decay_steps=1, decay_rate=float(decay), name="decay")
-    kwargs = {k: cfg[k] for k in cfg if k != "name"}
     return adam(learning_rate=lr, name=str(cfg.get("name") or "adam"), **kwargs)
 
 
