@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 
 import adamx
 from adamx import _spec
-from adamx.fused import _plan
+from adamx.fused import _build, _plan
 
 TABLE = _spec.options_table()
 CONFIG_FIELDS = [name for name, opt in TABLE.items() if opt.config != "none"]
@@ -135,3 +136,40 @@ def test_float64_accumulator_needs_x64_and_says_so():
         opt = adamx.adam(gradient_accumulation_steps=2, acc_dtype=jnp.float64)
         state = opt.init({"w": jnp.ones((3,), jnp.float32)})
         assert state.acc["w"].dtype == jnp.float64
+
+
+# ---------------------------------------------------------------- fallback warnings
+def _fallback_warnings(caplog):
+    return [r for r in caplog.records if r.name == "adamx" and r.levelno == logging.WARNING]
+
+
+def test_a_fallback_warns_once_per_reason(monkeypatch, caplog):
+    monkeypatch.setattr(adamx.fused, "_warned", set())
+    params = {"w": jnp.ones((4,), jnp.float32)}
+    opt = adamx.adam(learning_rate=0.1, mu_dtype=jnp.float16)  # a moment dtype the kernel does not keep
+    state = opt.init(params)
+    reason = adamx.fused.why_not(opt, params, state, params)
+    assert reason is not None and "mu_dtype" in reason
+    with caplog.at_level(logging.WARNING, logger="adamx"):
+        for _ in range(3):
+            params, state = opt.apply_gradients(params, state, params)
+        (record,) = _fallback_warnings(caplog)
+        assert reason in record.getMessage()
+        other = adamx.adam(learning_rate=0.1, mu_dtype=jnp.float16, nu_dtype=jnp.bfloat16)
+        other.apply_gradients(params, other.init(params), params)  # the same reason: no second warning
+        assert len(_fallback_warnings(caplog)) == 1
+
+
+def test_an_unavailable_kernel_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(adamx.fused, "_warned", set())
+    monkeypatch.setitem(_build._status, "tried", True)
+    monkeypatch.setitem(_build._status, "ok", False)
+    monkeypatch.setitem(_build._status, "error", "switched off by the test")
+    params = {"w": jnp.ones((4,), jnp.float32)}
+    opt = adamx.adam(learning_rate=0.1)
+    state = opt.init(params)
+    with caplog.at_level(logging.WARNING, logger="adamx"):
+        for _ in range(2):
+            params, state = opt.apply_gradients(params, state, params)
+    (record,) = _fallback_warnings(caplog)
+    assert "kernel unavailable: switched off by the test" in record.getMessage()
