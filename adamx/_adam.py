@@ -15,7 +15,7 @@ import optax
 from adamx import _checks, _decay, _hyper, _state, _step, fused
 from adamx._spec import AdamOptions, AdamSpec
 from adamx._state import AdamState, AnyAdamState
-from adamx._types import PyTree, Update, spec_of
+from adamx._types import KerasConfig, Update, spec_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -56,7 +56,7 @@ class Adam(optax.GradientTransformationExtraArgs):
         """``spec.hyperparams``: the options as a dict keyed by argument name."""
         return self.spec.hyperparams
 
-    def get_config(self) -> dict[str, PyTree]:
+    def get_config(self) -> KerasConfig:
         """Keras 3's ``Adam.get_config()`` dict (see :func:`adamx.to_keras_config`)."""
         return self.spec.keras_config()
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adamx import _decay, _hyper, _tree, schedules
-from adamx._types import DType, Scalar, ScalarOrSchedule
+from adamx._types import DType, KerasConfig, PyTree, Scalar, ScalarOrSchedule
 
 ClipMode = Literal["none", "norm", "global_norm", "value"]
 StateField = Literal["mu", "nu", "nu_max", "acc", "ema", "comp"]
@@ -62,10 +62,11 @@ ConfigKey = Literal["keras", "adamx", "none"]
 # "fallback": the kernel does not implement it, a non-default value takes the reference step.
 FusedSupport = Literal["any", "moment_dtype", "acc_dtype", "fallback"]
 Check = Callable[[str, Any], None]
+T = TypeVar("T")
 Convert = Callable[[Any], Any]
 
 
-def _as_is(value: Any) -> Any:
+def _as_is(value: object) -> object:
     return value
 
 
@@ -96,12 +97,13 @@ class Option:
 METADATA_KEY = "adamx"
 
 
-def option(default: Any, **meta: Any) -> Any:
+def option(default: T, **meta: Any) -> T:
     """A dataclass field of ``default`` that carries its :class:`Option`."""
-    return dataclasses.field(default=default, metadata={METADATA_KEY: Option(**meta)})
+    field: T = dataclasses.field(default=default, metadata={METADATA_KEY: Option(**meta)})
+    return field
 
 
-def option_of(f: dataclasses.Field[Any]) -> Option:
+def option_of(f: dataclasses.Field[object]) -> Option:
     """The :class:`Option` of a spec field; a ``TypeError`` for a field declared without one."""
     opt = f.metadata.get(METADATA_KEY)
     if not isinstance(opt, Option):
@@ -122,7 +124,7 @@ def _scalar(**bounds: Any) -> Check:
     """A number (or a schedule where ``allow_schedule``) in the given range; ``None`` passes when ``optional``."""
     optional = bounds.pop("optional", False)
 
-    def check(name: str, value: Any) -> None:
+    def check(name: str, value: object) -> None:
         if value is None and optional:
             return
         _hyper.check_scalar(name, value, **bounds)
@@ -130,46 +132,46 @@ def _scalar(**bounds: Any) -> Check:
     return check
 
 
-def _flag(name: str, value: Any) -> None:
+def _flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
 def _count(lo: int) -> Check:
-    def check(name: str, value: Any) -> None:
+    def check(name: str, value: object) -> None:
         _hyper.check_int(name, value, lo=lo)
 
     return check
 
 
 def _size(lo: int) -> Check:
-    def check(name: str, value: Any) -> None:
+    def check(name: str, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
             raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}.")
 
     return check
 
 
-def _seed(name: str, value: Any) -> None:
+def _seed(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"`{name}` must be an int, got {value!r}.")
 
 
-def _rounding(name: str, value: Any) -> None:
+def _rounding(name: str, value: object) -> None:
     if value not in PARAM_ROUNDINGS:
         raise ValueError(f"`{name}` must be one of {PARAM_ROUNDINGS}, got {value!r}.")
 
 
-def _name(name: str, value: Any) -> None:
+def _name(name: str, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"`{name}` must be a str, got {value!r}.")
 
 
-def _patterns(name: str, value: Any) -> None:
+def _patterns(name: str, value: object) -> None:
     _decay.check_exclude(value)
 
 
-def _mask(name: str, value: Any) -> None:
+def _mask(name: str, value: object) -> None:
     if value is not None and not callable(value) and not isinstance(value, (dict, list, tuple, bool)):
         if not hasattr(value, "__dataclass_fields__"):
             jax.tree_util.tree_structure(value)  # must at least be a pytree
@@ -228,13 +230,13 @@ def check_acc_dtype(name: str, dtype: DType | None) -> None:
 
 
 # ------------------------------------------------------------------ config writers
-def _number(value: Any) -> Any:
+def _number(value: object) -> object:
     """A NumPy scalar as a Python float (Keras's config holds plain numbers); others as they are."""
     return float(value) if isinstance(value, (np.floating, np.integer)) and not isinstance(value, bool) else value
 
 
 def _no_schedule(name: str) -> Convert:
-    def write(value: Any) -> Any:
+    def write(value: object) -> object:
         if callable(value):
             raise ValueError(f"`{name}` is a schedule: Keras's config has no place for it.")
         return _number(value)
@@ -242,31 +244,31 @@ def _no_schedule(name: str) -> Convert:
     return write
 
 
-def _write_lr(lr: Any) -> Any:
+def _write_lr(lr: ScalarOrSchedule) -> object:
     if isinstance(lr, schedules.KerasSchedule):
         return lr.serialize()
     if callable(lr):
         raise ValueError("`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config.")
-    return float(np.float32(lr))
+    return float(np.asarray(lr, np.float32))  # as Keras stores it: in a float32 variable
 
 
-def _read_lr(lr: Any) -> Any:
+def _read_lr(lr: object) -> object:
     return schedules.deserialize(lr) if isinstance(lr, dict) else lr
 
 
-def _dtype_name(value: Any) -> str:
+def _dtype_name(value: DType) -> str:
     return np.dtype(value).name
 
 
-def _int(value: Any) -> int:
+def _int(value: int) -> int:
     return int(value)
 
 
-def _bool(value: Any) -> bool:
+def _bool(value: object) -> bool:
     return bool(value)
 
 
-def _list(value: Any) -> list[str]:
+def _list(value: Sequence[str]) -> list[str]:
     return list(value)
 
 
@@ -275,17 +277,17 @@ _BETA = _scalar(lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
 _POSITIVE = _scalar(lo=0.0, lo_open=True, optional=True)  # a threshold or factor > 0, or None
 
 
-def _keras(default: Any, check: Check, example: object, *, write: Convert = _number, read: Convert = _as_is) -> Any:
+def _keras(default: T, check: Check, example: object, *, write: Convert = _number, read: Convert = _as_is) -> T:
     """A field with Keras's own config key that the kernel takes at any value."""
     return option(default, check=check, config="keras", fused="any", example=example, write=write, read=read)
 
 
-def _dtype_option(check: Check, fused: FusedSupport) -> Any:
+def _dtype_option(check: Check, fused: FusedSupport) -> DType | None:
     """A storage dtype (adamx's keyword option, ``None`` = the default dtype), written by name."""
     return option(None, check=check, config="adamx", fused=fused, example="bfloat16", write=_dtype_name, keyword=True)
 
 
-def _quantize_size(default: int, check: Check, example: int) -> Any:
+def _quantize_size(default: int, check: Check, example: int) -> int:
     """A size of the 8-bit moments, written only with ``quantize_moments`` on."""
     return option(
         default,
@@ -315,7 +317,7 @@ class AdamOptions(TypedDict, total=False):
     quantize_mask: _decay.MaskOrFn
 
 
-def _mask_leaves(params: Any, mask: Any, name: str) -> list[bool]:
+def _mask_leaves(params: PyTree, mask: _decay.MaskOrFn, name: str) -> list[bool]:
     """A pytree of bools like params (or a prefix), or a callable ``params -> such a tree``, as one bool per leaf."""
     m = mask(params) if callable(mask) else mask
     try:
@@ -447,7 +449,7 @@ class AdamSpec:
 
     # ------------------------------------------------------------------ derived values
     @property
-    def window(self) -> Any:
+    def window(self) -> Scalar | None:
         """The accumulation window ``k`` (``None`` without accumulation, also for ``k == 1``)."""
         k = self.gradient_accumulation_steps
         # Only a static 1 (a Python/NumPy int) switches accumulation off: an array (e.g. from
@@ -479,7 +481,7 @@ class AdamSpec:
         return "none"
 
     @property
-    def clip_threshold(self) -> Any:
+    def clip_threshold(self) -> Scalar | None:
         """The threshold of :attr:`clip_mode` (``None`` for ``none``)."""
         return {"norm": self.clipnorm, "global_norm": self.global_clipnorm, "value": self.clipvalue}.get(self.clip_mode)
 
@@ -496,7 +498,7 @@ class AdamSpec:
         kahan: tuple[StateField, ...] = ("comp",) if self.param_rounding == "kahan" else ()
         return tuple(f for f in STATE_FIELDS if on[f]) + kahan
 
-    def quantized_leaves(self, params: Any) -> list[bool]:
+    def quantized_leaves(self, params: PyTree) -> list[bool]:
         """Which leaves of ``params`` keep 8-bit ``mu``/``nu``/``nu_max`` (leaf order).
 
         A leaf is quantized when ``quantize_moments`` is on, it has at least
@@ -516,7 +518,7 @@ class AdamSpec:
             for q, p in zip(on, leaves)
         ]
 
-    def state_dtype(self, field: StateField, param_dtype: Any) -> jnp.dtype:
+    def state_dtype(self, field: StateField, param_dtype: DType) -> jnp.dtype:
         """Storage dtype of ``field`` for a parameter of ``param_dtype``."""
         if field in ("mu",):
             return _tree.state_dtype(param_dtype, self.mu_dtype)
@@ -530,11 +532,11 @@ class AdamSpec:
 
     # ------------------------------------------------------------------ Keras config
     @property
-    def hyperparams(self) -> dict[str, Any]:
+    def hyperparams(self) -> dict[str, object]:
         """The options as a dict keyed by argument name (what ``adamx.adam`` was called with)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def keras_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
+    def keras_config(self, *, include_adamx: bool = False) -> KerasConfig:
         """The Keras 3 ``Adam.get_config()`` dict (see :func:`adamx.to_keras_config`).
 
         Each field is written as its :class:`Option` says: Keras's keys always (in Keras's
@@ -543,7 +545,7 @@ class AdamSpec:
         """
         table = options_table(type(self))
         out = {k: table[k].write(getattr(self, k)) for k in KERAS3_KEYS}
-        extra: dict[str, Any] = {}
+        extra: KerasConfig = {}
         for name, opt in table.items():
             value = getattr(self, name)
             if opt.config == "keras" or not _is_set(self, name, value):

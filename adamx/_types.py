@@ -19,6 +19,9 @@ from jax.typing import DTypeLike
 
 # Any nesting of lists, tuples, dicts and registered nodes that ``jax.tree_util`` flattens.
 PyTree: TypeAlias = Any
+# One leaf of params, grads or state as the pieces pass it: an array (possibly traced), a
+# Python/NumPy scalar, or None (no gradient); 8-bit moments are QuantizedArray leaves.
+Leaf: TypeAlias = Any
 # A dtype as JAX takes it (``jnp.float32``, ``"bfloat16"``, ``np.dtype(...)``).
 DType: TypeAlias = DTypeLike
 # A scalar hyperparameter: a Python/NumPy number or a 0-d (possibly traced) array.
@@ -27,6 +30,9 @@ Scalar: TypeAlias = float | int | jax.Array | ArrayLike
 Schedule: TypeAlias = Callable[[jax.Array], ArrayLike]
 # A hyperparameter that may also be a schedule.
 ScalarOrSchedule: TypeAlias = Scalar | Schedule
+
+# A Keras config dict: JSON-like values (numbers, strings, bools, None, lists, nested configs).
+KerasConfig: TypeAlias = dict[str, Any]
 
 SpecT = TypeVar("SpecT")
 StateT = TypeVar("StateT")
