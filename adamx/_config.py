@@ -99,7 +99,7 @@ def from_keras_config(config: KerasConfig) -> Adam | _loss_scale.LossScaleOptimi
     decay = cfg.pop("decay", None)
 
     table = options_table()
-    kwargs = {k: table[k].read(v) for k, v in cfg.items() if k != "name"}  # each field as its Option reads it
+    kwargs: KerasConfig = {k: table[k].from_config(v) for k, v in cfg.items() if k != "name"}  # as each Option reads it
     lr = kwargs.pop("learning_rate", 0.001)
     if decay:
         if isinstance(lr, schedules.KerasSchedule):

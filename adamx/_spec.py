@@ -61,6 +61,8 @@ ConfigKey = Literal["keras", "adamx", "none"]
 # "acc_dtype": the dtypes the kernel keeps run fused (adamx.fused._plan checks them);
 # "fallback": the kernel does not implement it, a non-default value takes the reference step.
 FusedSupport = Literal["any", "moment_dtype", "acc_dtype", "fallback"]
+# What a field holds; a config writes each kind its own way (see Option.to_config).
+Kind = Literal["number", "count", "flag", "int", "dtype", "choice", "str", "patterns", "mask"]
 Check = Callable[[str, Any], None]
 T = TypeVar("T")
 Convert = Callable[[Any], Any]
@@ -74,8 +76,10 @@ def _as_is(value: object) -> object:
 class Option:
     """What the code knows about one :class:`AdamSpec` field (its ``dataclasses.field`` metadata).
 
-    - ``check(name, value)``: raises a ``TypeError``/``ValueError`` naming the field.
-    - ``config``: see :data:`ConfigKey`; ``write``/``read``: the value into a config and back.
+    - ``kind``: see :data:`Kind`; ``check(name, value)``: raises a ``TypeError``/``ValueError``
+      naming the field.
+    - ``config``: see :data:`ConfigKey`; ``write``/``read``: the value into a config and back, when
+      its kind's way (:meth:`to_config`) is not the one.
     - ``fused``: see :data:`FusedSupport`. Every field must decide (``tests/test_spec_options.py``).
     - ``keyword``: one of adamx's keyword-only options of ``adamx.adam`` (a key of :class:`AdamOptions`).
     - ``example``: a valid non-default value (tests round-trip it through a config).
@@ -83,23 +87,46 @@ class Option:
     - ``no_config``: for ``config="none"``, what to do instead (in the error).
     """
 
+    kind: Kind
     check: Check
     config: ConfigKey
     fused: FusedSupport
     example: object
-    write: Convert = _as_is
+    write: Convert | None = None
     read: Convert = _as_is
     keyword: bool = False
     only_with: str | None = None
     no_config: str = ""
 
+    def to_config(self, value: object) -> object:
+        """``value`` as a config holds it: ``write``, else its kind's writer."""
+        return (self.write or _WRITERS[self.kind])(value)
+
+    def from_config(self, value: object) -> object:
+        """A config's value as the field takes it."""
+        return self.read(value)
+
 
 METADATA_KEY = "adamx"
 
 
-def option(default: T, **meta: Any) -> T:
-    """A dataclass field of ``default`` that carries its :class:`Option`."""
-    field: T = dataclasses.field(default=default, metadata={METADATA_KEY: Option(**meta)})
+def option(
+    default: T,
+    *,
+    kind: Kind,
+    check: Check,
+    config: ConfigKey,
+    fused: FusedSupport,
+    example: object,
+    write: Convert | None = None,
+    read: Convert = _as_is,
+    keyword: bool = False,
+    only_with: str | None = None,
+    no_config: str = "",
+) -> T:
+    """A dataclass field of ``default`` that carries its :class:`Option` (the arguments are its fields)."""
+    meta = Option(kind, check, config, fused, example, write, read, keyword, only_with, no_config)
+    field: T = dataclasses.field(default=default, metadata={METADATA_KEY: meta})
     return field
 
 
@@ -272,30 +299,46 @@ def _list(value: Sequence[str]) -> list[str]:
     return list(value)
 
 
+# How a config writes each kind (a field's own ``write`` comes first).
+_WRITERS: dict[Kind, Convert] = {
+    "number": _number,
+    "count": _number,  # as Keras: a NumPy integer becomes a float, a Python int stays
+    "flag": _bool,
+    "int": _int,
+    "dtype": _dtype_name,
+    "choice": _as_is,
+    "str": _as_is,
+    "patterns": _list,
+    "mask": _as_is,  # never written (config="none")
+}
+
+
 # ------------------------------------------------------------------ field declarations
 _BETA = _scalar(lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
 _POSITIVE = _scalar(lo=0.0, lo_open=True, optional=True)  # a threshold or factor > 0, or None
 
 
-def _keras(default: T, check: Check, example: object, *, write: Convert = _number, read: Convert = _as_is) -> T:
+def _keras(
+    default: T, kind: Kind, check: Check, example: object, *, write: Convert | None = None, read: Convert = _as_is
+) -> T:
     """A field with Keras's own config key that the kernel takes at any value."""
-    return option(default, check=check, config="keras", fused="any", example=example, write=write, read=read)
+    return option(default, kind=kind, check=check, config="keras", fused="any", example=example, write=write, read=read)
 
 
 def _dtype_option(check: Check, fused: FusedSupport) -> DType | None:
     """A storage dtype (adamx's keyword option, ``None`` = the default dtype), written by name."""
-    return option(None, check=check, config="adamx", fused=fused, example="bfloat16", write=_dtype_name, keyword=True)
+    return option(None, kind="dtype", check=check, config="adamx", fused=fused, example="bfloat16", keyword=True)
 
 
 def _quantize_size(default: int, check: Check, example: int) -> int:
     """A size of the 8-bit moments, written only with ``quantize_moments`` on."""
     return option(
         default,
+        kind="int",
         check=check,
         config="adamx",
         fused="any",
         example=example,
-        write=_int,
         keyword=True,
         only_with="quantize_moments",
     )
@@ -381,44 +424,51 @@ class AdamSpec:
     """
 
     learning_rate: ScalarOrSchedule = _keras(
-        0.001, _scalar(lo=0.0, allow_schedule=True), 0.01, write=_write_lr, read=_read_lr
+        0.001, "number", _scalar(lo=0.0, allow_schedule=True), 0.01, write=_write_lr, read=_read_lr
     )
-    beta_1: ScalarOrSchedule = _keras(0.9, _BETA, 0.8, write=_no_schedule("beta_1"))
-    beta_2: ScalarOrSchedule = _keras(0.999, _BETA, 0.99, write=_no_schedule("beta_2"))
-    epsilon: Scalar = _keras(1e-7, _scalar(lo=0.0), 1e-5)
-    amsgrad: bool = _keras(False, _flag, True, write=_as_is)
+    beta_1: ScalarOrSchedule = _keras(0.9, "number", _BETA, 0.8, write=_no_schedule("beta_1"))
+    beta_2: ScalarOrSchedule = _keras(0.999, "number", _BETA, 0.99, write=_no_schedule("beta_2"))
+    epsilon: Scalar = _keras(1e-7, "number", _scalar(lo=0.0), 1e-5)
+    amsgrad: bool = _keras(False, "flag", _flag, True)
     weight_decay: ScalarOrSchedule | None = _keras(
-        None, _scalar(lo=0.0, allow_schedule=True, optional=True), 0.01, write=_no_schedule("weight_decay")
+        None, "number", _scalar(lo=0.0, allow_schedule=True, optional=True), 0.01, write=_no_schedule("weight_decay")
     )
-    clipnorm: Scalar | None = _keras(None, _POSITIVE, 1.0)
-    clipvalue: Scalar | None = _keras(None, _POSITIVE, 0.5)
-    global_clipnorm: Scalar | None = _keras(None, _POSITIVE, 2.0)
-    use_ema: bool = _keras(False, _flag, True, write=_as_is)
-    ema_momentum: Scalar = _keras(0.99, _scalar(lo=0.0, hi=1.0), 0.9)
-    ema_overwrite_frequency: Scalar | None = _keras(None, _count(1), 5)
-    loss_scale_factor: Scalar | None = _keras(None, _POSITIVE, 128.0)
-    gradient_accumulation_steps: Scalar | None = _keras(None, _count(1), 4)
+    clipnorm: Scalar | None = _keras(None, "number", _POSITIVE, 1.0)
+    clipvalue: Scalar | None = _keras(None, "number", _POSITIVE, 0.5)
+    global_clipnorm: Scalar | None = _keras(None, "number", _POSITIVE, 2.0)
+    use_ema: bool = _keras(False, "flag", _flag, True)
+    ema_momentum: Scalar = _keras(0.99, "number", _scalar(lo=0.0, hi=1.0), 0.9)
+    ema_overwrite_frequency: Scalar | None = _keras(None, "count", _count(1), 5)
+    loss_scale_factor: Scalar | None = _keras(None, "number", _POSITIVE, 128.0)
+    gradient_accumulation_steps: Scalar | None = _keras(None, "count", _count(1), 4)
     exclude_from_weight_decay: Sequence[str] | None = option(
-        None, check=_patterns, config="adamx", fused="any", example=("bias",), write=_list
+        None, kind="patterns", check=_patterns, config="adamx", fused="any", example=("bias",)
     )
     weight_decay_mask: _decay.MaskOrFn = option(
-        None, check=_mask, config="none", fused="any", example=True, no_config="use exclude_from_weight_decay"
+        None,
+        kind="mask",
+        check=_mask,
+        config="none",
+        fused="any",
+        example=True,
+        no_config="use exclude_from_weight_decay",
     )
     mu_dtype: DType | None = _dtype_option(check_moment_dtype, "moment_dtype")
     nu_dtype: DType | None = _dtype_option(check_moment_dtype, "moment_dtype")
     param_rounding: ParamRounding = option(
-        "nearest", check=_rounding, config="adamx", fused="any", example="stochastic", keyword=True
+        "nearest", kind="choice", check=_rounding, config="adamx", fused="any", example="stochastic", keyword=True
     )
-    seed: int = option(0, check=_seed, config="adamx", fused="any", example=7, keyword=True)
+    seed: int = option(0, kind="int", check=_seed, config="adamx", fused="any", example=7, keyword=True)
     acc_dtype: DType | None = _dtype_option(check_acc_dtype, "acc_dtype")
-    flat_state: bool = option(False, check=_flag, config="adamx", fused="any", example=True, write=_bool, keyword=True)
+    flat_state: bool = option(False, kind="flag", check=_flag, config="adamx", fused="any", example=True, keyword=True)
     quantize_moments: bool = option(
-        False, check=_flag, config="adamx", fused="any", example=True, write=_bool, keyword=True
+        False, kind="flag", check=_flag, config="adamx", fused="any", example=True, keyword=True
     )
     quantize_block_size: int = _quantize_size(256, _size(1), 128)
     quantize_min_size: int = _quantize_size(4096, _size(0), 1024)
     quantize_mask: _decay.MaskOrFn = option(
         None,
+        kind="mask",
         check=_mask,
         config="none",
         fused="any",
@@ -426,7 +476,7 @@ class AdamSpec:
         keyword=True,
         no_config="give it to adamx.adam after reading the config",
     )
-    name: str = _keras("adam", _name, "my_adam", write=_as_is)
+    name: str = _keras("adam", "str", _name, "my_adam")
 
     @classmethod
     def build(cls, **kwargs: object) -> AdamSpec:
@@ -544,7 +594,7 @@ class AdamSpec:
         layout, is left out without it), a field without a key refused when set.
         """
         table = options_table(type(self))
-        out = {k: table[k].write(getattr(self, k)) for k in KERAS3_KEYS}
+        out = {k: table[k].to_config(getattr(self, k)) for k in KERAS3_KEYS}
         extra: KerasConfig = {}
         for name, opt in table.items():
             value = getattr(self, name)
@@ -553,7 +603,7 @@ class AdamSpec:
             if opt.config == "none":
                 raise ValueError(f"`{name}` cannot be written into a config; {opt.no_config}.")
             if opt.only_with is None or getattr(self, opt.only_with):
-                extra[name] = opt.write(value)
+                extra[name] = opt.to_config(value)
         if not include_adamx:
             extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
         if extra and not include_adamx:

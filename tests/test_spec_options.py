@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ def test_every_field_has_an_option_with_a_kernel_decision():
     for name, opt in TABLE.items():
         assert opt.fused in _plan.DECISIONS, f"{name}: unknown kernel decision {opt.fused!r}"
         assert opt.config != "none" or opt.no_config, f"{name}: say what to do instead of a config key"
+    assert set(_spec._WRITERS) == set(typing.get_args(_spec.Kind)), "a config writer for every kind"
     # the plan's table is the spec's decisions: "fallback" fields are the ones it leaves out
     assert set(_plan.SUPPORTED) == {name for name, opt in TABLE.items() if opt.fused != "fallback"}
 
@@ -56,7 +58,9 @@ def test_a_new_bool_option_is_written_and_falls_back_until_the_kernel_learns_it(
 
     @dataclasses.dataclass(frozen=True, eq=False)
     class Extended(adamx.AdamSpec):
-        nesterov: bool = _spec.option(False, check=_spec._flag, config="adamx", fused="fallback", example=True)
+        nesterov: bool = _spec.option(
+            False, kind="flag", check=_spec._flag, config="adamx", fused="fallback", example=True
+        )
 
     spec = Extended(nesterov=True)
     assert spec.keras_config(include_adamx=True)["nesterov"] is True
@@ -95,9 +99,9 @@ def test_every_field_round_trips_through_a_config(name):
             with pytest.raises(ValueError, match=f"no key for .*'{name}'.*include_adamx"):
                 tx.get_config()
         cfg = adamx.to_keras_config(tx, include_adamx=True)
-    assert cfg[name] == opt.write(opt.example)
+    assert cfg[name] == opt.to_config(opt.example)
     back = adamx.from_keras_config(cfg)
-    assert opt.write(getattr(back.spec, name)) == cfg[name]
+    assert opt.to_config(getattr(back.spec, name)) == cfg[name]
     assert adamx.to_keras_config(back, include_adamx=True) == cfg
 
 
