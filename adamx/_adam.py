@@ -8,13 +8,14 @@ kernel of :mod:`adamx.fused` where it applies.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import optax
 
 from adamx import _checks, _decay, _hyper, _state, _step, fused
 from adamx._spec import AdamOptions, AdamSpec
-from adamx._state import AdamState
+from adamx._state import AdamState, AnyAdamState
+from adamx._types import KerasConfig, Update, spec_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -22,31 +23,23 @@ if TYPE_CHECKING:
 __all__ = ["Adam", "AdamState", "adam", "adamw"]
 
 
-class _Update:
-    """``update(grads, state, params=None)`` of an :class:`Adam`; carries its spec."""
-
-    __name__ = "update"
-
-    def __init__(self, spec: AdamSpec) -> None:
-        self.spec = spec
-
-    def __call__(
-        self, grads: optax.Updates, state: AdamState, params: optax.Params | None = None, **extra: Any
-    ) -> tuple[optax.Updates, AdamState]:
-        del extra
-        spec = self.spec
-        _checks.check_state(spec, state, params, grads)
-        if spec.flat_state:
-            if params is None:
-                raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
-            out = _step.update_flat(spec, grads, state, params)
-            return out if out is not None else _step.update_flat_by_leaf(spec, grads, state, params)
-        if params is None and spec.needs_params:
-            raise ValueError(
-                "adamx.adam with weight_decay, use_ema, param_rounding or quantize_moments needs the params: "
-                "call update(grads, state, params)."
-            )
-        return _step.update_tree(spec, grads, state, params)
+def _update(
+    spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params | None = None, **extra: object
+) -> tuple[optax.Updates, AdamState]:
+    """``update(grads, state, params=None)`` of an :class:`Adam` (its :class:`adamx._types.Update` carries ``spec``)."""
+    del extra
+    _checks.check_state(spec, state, params, grads)
+    if spec.flat_state:
+        if params is None:
+            raise ValueError("adamx.adam(flat_state=True) needs the params: call update(grads, state, params).")
+        out = _step.update_flat(spec, grads, state, params)
+        return out if out is not None else _step.update_flat_by_leaf(spec, grads, state, params)
+    if params is None and spec.needs_params:
+        raise ValueError(
+            "adamx.adam with weight_decay, use_ema, param_rounding or quantize_moments needs the params: "
+            "call update(grads, state, params)."
+        )
+    return _step.update_tree(spec, grads, state, params)
 
 
 class Adam(optax.GradientTransformationExtraArgs):
@@ -56,20 +49,20 @@ class Adam(optax.GradientTransformationExtraArgs):
     @property
     def spec(self) -> AdamSpec:
         """The options this optimizer was built with (an :class:`adamx.AdamSpec`)."""
-        update: Any = self.update
-        spec: AdamSpec = update.spec
-        return spec
+        return spec_of(self.update, AdamSpec)
 
     @property
-    def hyperparams(self) -> dict[str, Any]:
+    def hyperparams(self) -> dict[str, object]:
         """``spec.hyperparams``: the options as a dict keyed by argument name."""
         return self.spec.hyperparams
 
-    def get_config(self) -> dict[str, Any]:
+    def get_config(self) -> KerasConfig:
         """Keras 3's ``Adam.get_config()`` dict (see :func:`adamx.to_keras_config`)."""
         return self.spec.keras_config()
 
-    def apply_gradients(self, grads: optax.Updates, state: Any, params: optax.Params) -> tuple[Any, Any]:
+    def apply_gradients(
+        self, grads: optax.Updates, state: AnyAdamState, params: optax.Params
+    ) -> tuple[optax.Params, AnyAdamState]:
         """``update`` then ``optax.apply_updates`` in one call: ``(new_params, new_state)``.
 
         Same numbers as the two calls; on CPU one fused in-place pass over all leaves
@@ -78,10 +71,10 @@ class Adam(optax.GradientTransformationExtraArgs):
         return fused.apply_gradients(self, grads, state, params)
 
 
-def _spec_of(args: dict[str, Any]) -> AdamSpec:
+def _spec_of(args: dict[str, object]) -> AdamSpec:
     """The spec of a factory call, from its ``locals()``: the named arguments and ``**options``."""
     args = dict(args)
-    opts: dict[str, Any] = dict(args.pop("options"))
+    opts = dict(cast("dict[str, object]", args.pop("options")))  # the **options dict
     # optax.inject_hyperparams binds the signature and passes the var-keyword part back as
     # one argument named `options`: unfold it.
     nested = opts.pop("options", None)
@@ -97,7 +90,7 @@ def from_spec(spec: AdamSpec) -> Adam:
         _checks.check_params(spec, params)
         return _state.init(spec, params)
 
-    return Adam(init, _Update(spec))
+    return Adam(init, Update(spec, _update))
 
 
 def adam(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adamx import _flat, _hyper, _tree
+from adamx._types import DType, Leaf, PyTree, Scalar
 
 
 class EmaParamsState(NamedTuple):
@@ -18,13 +19,13 @@ class EmaParamsState(NamedTuple):
     ema: optax.Params  # moving average of params; float32 for bf16/f16/f32 params
 
 
-def ema_buffers(params: Any, dtype: Any | None = None) -> Any:
+def ema_buffers(params: PyTree, dtype: DType | None = None) -> PyTree:
     """The averages' initial value: a fresh copy of ``params`` (never the same buffers)."""
     return jax.tree.map(lambda p: _tree.fresh_copy(p, _tree.state_dtype(p.dtype, dtype)), params)
 
 
 def ema_scalars(
-    count: jax.Array, momentum: Any, overwrite_frequency: Any | None, accumulation_steps: Any | None
+    count: jax.Array, momentum: Scalar, overwrite_frequency: Scalar | None, accumulation_steps: Scalar | None
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(mom, 1 - mom, overwrite or None)`` for the EMA after ``count`` calls (see :func:`ema_step`)."""
     it = count if accumulation_steps is None else count // accumulation_steps
@@ -40,14 +41,14 @@ def average_leaf(mom: jax.Array, one_m: jax.Array, avg: jax.Array, p_new: jax.Ar
 
 
 def ema_step(
-    p_leaves: list[Any],
-    u_leaves: list[Any],
-    avg_leaves: list[Any],
+    p_leaves: list[Leaf],
+    u_leaves: list[Leaf],
+    avg_leaves: list[Leaf],
     count: jax.Array,
-    momentum: Any,
-    overwrite_frequency: Any | None,
-    accumulation_steps: Any | None,
-) -> tuple[list[Any], list[Any]]:
+    momentum: Scalar,
+    overwrite_frequency: Scalar | None,
+    accumulation_steps: Scalar | None,
+) -> tuple[list[Leaf], list[Leaf]]:
     """Keras's EMA after an update; returns ``(updates, averages)``.
 
     .. code-block:: text
@@ -80,7 +81,7 @@ def ema_params(
     overwrite_frequency: int | None = None,
     *,
     accumulation_steps: int | None = None,
-    ema_dtype: Any | None = None,
+    ema_dtype: DType | None = None,
 ) -> optax.GradientTransformation:
     r"""Keep an exponential moving average of the parameters (Keras ``use_ema``).
 
@@ -137,7 +138,7 @@ def ema_params(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _has_ema(x: Any) -> bool:
+def _has_ema(x: object) -> bool:
     return isinstance(x, tuple) and "ema" in getattr(x, "_fields", ())
 
 

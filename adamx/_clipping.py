@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adamx import _hyper, _tree
+from adamx._types import Leaf, Scalar
 
 
 def _abs_sq(x: jax.Array) -> jax.Array:
@@ -32,7 +32,7 @@ def clip_leaf_by_norm(g: jax.Array, max_norm: jax.Array) -> jax.Array:
     return ((gf * c) / jnp.maximum(norm.astype(gf.dtype), c)).astype(g.dtype)
 
 
-def global_norm(leaves: list[Any]) -> jax.Array:
+def global_norm(leaves: list[Leaf]) -> jax.Array:
     """``sqrt(sum_i sum(g_i**2))`` over the non-``None`` leaves, in float32 at least."""
     total = jnp.zeros([], jnp.float32)
     for g in leaves:
@@ -51,7 +51,9 @@ def global_clip_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     return max_norm * jnp.minimum(1.0 / norm, 1.0 / max_norm) + (norm - norm)
 
 
-def clip_mode_of(clipnorm: Any, global_clipnorm: Any, clipvalue: Any) -> tuple[str, Any]:
+def clip_mode_of(
+    clipnorm: Scalar | None, global_clipnorm: Scalar | None, clipvalue: Scalar | None
+) -> tuple[str, Scalar | None]:
     """``(mode, threshold)`` of Keras's three clip arguments (at most one is set):
     ``"norm"`` (per tensor), ``"global_norm"``, ``"value"``, or ``("none", None)``."""
     for mode, c in (("norm", clipnorm), ("global_norm", global_clipnorm), ("value", clipvalue)):
@@ -62,11 +64,11 @@ def clip_mode_of(clipnorm: Any, global_clipnorm: Any, clipvalue: Any) -> tuple[s
 
 def clip_units(
     mode: str,
-    threshold: Any,
-    g_u: list[Any],
-    split: Callable[[list[Any]], list[Any]] | None = None,
-    join: Callable[[list[Any]], list[Any]] | None = None,
-) -> list[Any]:
+    threshold: Scalar | None,
+    g_u: list[Leaf],
+    split: Callable[[list[Leaf]], list[Leaf]] | None = None,
+    join: Callable[[list[Leaf]], list[Leaf]] | None = None,
+) -> list[Leaf]:
     """Keras clipping of a list of arrays (``None`` entries stay ``None``). ``"norm"`` is per
     parameter tensor: when the arrays hold several tensors each (flat buffers), ``split``
     cuts them into tensors and ``join`` puts the clipped tensors back."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from adamx import _loss_scale, schedules
 from adamx._adam import Adam, adam
-from adamx._spec import ADAMX_KEYS, KERAS3_KEYS
+from adamx._spec import ADAMX_KEYS, KERAS3_KEYS, options_table
+from adamx._types import KerasConfig
 
 # Keys only older tf.keras (TF 2.x) printed: accepted, and what they mean.
 LEGACY_KEYS = ("decay", "jit_compile", "is_legacy_optimizer", "lr")
@@ -30,7 +29,7 @@ OTHER_OPTIMIZERS = {
 }
 
 
-def _check_is_adam(config: dict[str, Any]) -> None:
+def _check_is_adam(config: KerasConfig) -> None:
     """Refuse configs of Keras's other optimizers (several have Adam's keys), naming the one it got.
 
     Every Keras Adam/AdamW config (Keras 3 and tf.keras) has ``amsgrad``; Nadam, Adamax and Lamb
@@ -52,7 +51,7 @@ def _check_is_adam(config: dict[str, Any]) -> None:
         )
 
 
-def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOptimizer:
+def from_keras_config(config: KerasConfig) -> Adam | _loss_scale.LossScaleOptimizer:
     """Build the optimizer a Keras ``Adam``/``AdamW`` (or ``LossScaleOptimizer``) config describes.
 
     Accepts what ``keras.optimizers.Adam(...).get_config()`` (Keras 3) prints, what
@@ -99,18 +98,17 @@ def from_keras_config(config: dict[str, Any]) -> Adam | _loss_scale.LossScaleOpt
     cfg.pop("is_legacy_optimizer", None)
     decay = cfg.pop("decay", None)
 
-    lr = cfg.pop("learning_rate", 0.001)
-    if isinstance(lr, dict):
-        lr = schedules.deserialize(lr)
+    table = options_table()
+    kwargs: KerasConfig = {k: table[k].from_config(v) for k, v in cfg.items() if k != "name"}  # as each Option reads it
+    lr = kwargs.pop("learning_rate", 0.001)
     if decay:
         if isinstance(lr, schedules.KerasSchedule):
             raise ValueError("A legacy `decay` together with a learning-rate schedule is not supported.")
         lr = schedules.InverseTimeDecay(float(lr), decay_steps=1, decay_rate=float(decay), name="decay")
-    kwargs = {k: cfg[k] for k in cfg if k != "name"}
     return adam(learning_rate=lr, name=str(cfg.get("name") or "adam"), **kwargs)
 
 
-def to_keras_config(opt: Adam | _loss_scale.LossScaleOptimizer, *, include_adamx: bool = False) -> dict[str, Any]:
+def to_keras_config(opt: Adam | _loss_scale.LossScaleOptimizer, *, include_adamx: bool = False) -> KerasConfig:
     """The Keras 3 ``Adam.get_config()`` dict for an :func:`adamx.adam` optimizer.
 
     ``keras.optimizers.Adam.from_config`` (or :func:`from_keras_config`) rebuilds the
@@ -132,7 +130,7 @@ def to_keras_config(opt: Adam | _loss_scale.LossScaleOptimizer, *, include_adamx
     return opt.spec.keras_config(include_adamx=include_adamx)
 
 
-def loss_scale_from_keras_config(config: dict[str, Any]) -> _loss_scale.LossScaleOptimizer:
+def loss_scale_from_keras_config(config: KerasConfig) -> _loss_scale.LossScaleOptimizer:
     """Build a :func:`loss_scale_optimizer` from Keras's ``LossScaleOptimizer.get_config()``.
 
     Also accepts the ``{'class_name': 'LossScaleOptimizer', 'config': {...}}`` form and,

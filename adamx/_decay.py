@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adamx import _hyper, _tree
+from adamx._types import PyTree, ScalarOrSchedule
 
-MaskOrFn = Any  # a pytree of bools, a callable params -> such a pytree, or None
+# a pytree of bools, a callable params -> such a pytree, or None
+MaskOrFn: TypeAlias = PyTree
 
 
 def decay_mask_leaves(
-    params: Any,
+    params: PyTree,
     exclude_from_weight_decay: Sequence[str] | None = None,
     weight_decay_mask: MaskOrFn = None,
 ) -> list[bool]:
@@ -50,7 +52,7 @@ def decay_mask_leaves(
     return keep
 
 
-def check_exclude(exclude_from_weight_decay: Any) -> None:
+def check_exclude(exclude_from_weight_decay: object) -> None:
     if exclude_from_weight_decay is None:
         return
     if (
@@ -69,7 +71,7 @@ def check_exclude(exclude_from_weight_decay: Any) -> None:
 
 
 def decoupled_weight_decay(
-    weight_decay: Any,
+    weight_decay: ScalarOrSchedule,
     *,
     exclude_from_weight_decay: Sequence[str] | None = None,
     mask: MaskOrFn = None,

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Schedule = Callable[[jax.Array], Any]
-ScalarOrSchedule = float | jax.Array | Schedule
+from adamx._types import DType
+from adamx._types import ScalarOrSchedule as ScalarOrSchedule
+from adamx._types import Schedule as Schedule
 
 
-def concrete(x: Any) -> float | None:
+def concrete(x: object) -> float | None:
     """``float(x)`` when ``x`` is a concrete scalar, else ``None``."""
     if isinstance(x, bool):
         return None
@@ -39,13 +38,13 @@ def concrete(x: Any) -> float | None:
     return None
 
 
-def _type_error(name: str, x: Any, what: str) -> TypeError:
+def _type_error(name: str, x: object, what: str) -> TypeError:
     return TypeError(f"`{name}` must be {what}, got {x!r} of type {type(x).__name__}.")
 
 
 def check_scalar(
     name: str,
-    x: Any,
+    x: object,
     *,
     lo: float | None = None,
     hi: float | None = None,
@@ -89,7 +88,7 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool
     return "finite"
 
 
-def check_int(name: str, x: Any, *, lo: int) -> None:
+def check_int(name: str, x: object, *, lo: int) -> None:
     """``x`` must be ``None`` or an integer ``>= lo`` (traced integers pass)."""
     if x is None:
         return
@@ -108,14 +107,14 @@ def check_int(name: str, x: Any, *, lo: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {lo} or None, got {int(x)}.")
 
 
-def value_at(x: ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def value_at(x: ScalarOrSchedule, count: jax.Array, dtype: DType = jnp.float32) -> jax.Array:
     """The value of a scalar-or-schedule at step ``count``, as a 0-d array of ``dtype``."""
     if callable(x) and not isinstance(x, (jax.Array, np.ndarray)):
         x = x(count)
     return jnp.asarray(x, dtype)
 
 
-def one_minus(b: ScalarOrSchedule, b_now: jax.Array, dtype: Any, *, keras_rounding: bool) -> jax.Array:
+def one_minus(b: ScalarOrSchedule, b_now: jax.Array, dtype: DType, *, keras_rounding: bool) -> jax.Array:
     """``1 - b`` as the moment updates use it.
 
     Keras computes ``1 - beta`` in Python float64 and rounds once to the variable
@@ -130,5 +129,5 @@ def one_minus(b: ScalarOrSchedule, b_now: jax.Array, dtype: Any, *, keras_roundi
     return jnp.asarray(1, dtype) - b_now.astype(dtype)
 
 
-def is_schedule(x: Any) -> bool:
+def is_schedule(x: object) -> bool:
     return callable(x) and not isinstance(x, (jax.Array, np.ndarray))

@@ -26,23 +26,23 @@ after a restore.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adamx._types import ArrayLike, DType
 
 GOLDEN = 0x9E3779B9
 _M1, _M2 = 0x85EBCA6B, 0xC2B2AE35
 
 
-def narrow(dtype: Any) -> bool:
+def narrow(dtype: DType) -> bool:
     """Whether params of ``dtype`` are rounded by ``param_rounding`` (floats narrower than float32)."""
     dt = jnp.dtype(dtype)
     return bool(jnp.issubdtype(dt, jnp.floating)) and dt.itemsize < 4
 
 
-def _u32(x: Any) -> jax.Array:
+def _u32(x: ArrayLike) -> jax.Array:
     return jnp.asarray(x).astype(jnp.uint32)
 
 
@@ -76,7 +76,7 @@ def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
+def to_dtype(x: jax.Array, dtype: DType) -> jax.Array:
     """``x`` (float32) rounded to nearest in ``dtype``, kept in float32.
 
     ``reduce_precision`` flushes values under ``dtype``'s smallest normal to zero; float16's
@@ -91,7 +91,7 @@ def to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
     return jnp.where(jnp.abs(x) < jnp.float32(fi.smallest_normal), sub, rp)
 
 
-def stochastic(x: jax.Array, dtype: Any, r: jax.Array) -> jax.Array:
+def stochastic(x: jax.Array, dtype: DType, r: jax.Array) -> jax.Array:
     """``x`` (float32) rounded to one of its two neighbours in ``dtype`` (kept in float32):
     up with probability ``(x - lo) / (hi - lo)`` (``r < that``), so the mean is ``x``.
 

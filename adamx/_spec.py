@@ -1,30 +1,38 @@
 """``AdamSpec``: the typed, frozen description of an ``adamx.adam`` optimizer.
 
 Every option of :func:`adamx.adam` is a field here, validated once when the spec is built.
+Each field carries an :class:`Option` (its ``dataclasses.field`` metadata): how it is
+validated, its key in a Keras config (Keras's own, adamx's, or none) and how the config
+writes and reads it, whether it is one of adamx's keyword-only options
+(:class:`AdamOptions`), and what the fused kernel does with it. Validation, the config
+writer (:meth:`AdamSpec.keras_config`) and reader (``adamx.from_keras_config``) and the
+kernel's plan (``adamx.fused._plan.SUPPORTED``) all read that one table.
+
 The values the step needs besides the raw options (the accumulation window, whether weight
 decay is on, the clip mode, the state dtypes) are derived here and nowhere else. The spec is
 carried by the optimizer (``opt.spec``), read by the reference step (``adamx._step``), the
-state layout (``adamx._state``), the fused kernel's plan (``adamx.fused``) and the Keras
-config writer (:meth:`AdamSpec.keras_config`).
+state layout (``adamx._state``) and the fused kernel's plan (``adamx.fused``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any, Literal, TypedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypedDict, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adamx import _decay, _hyper, _tree, schedules
+from adamx._types import DType, KerasConfig, PyTree, Scalar, ScalarOrSchedule
 
 ClipMode = Literal["none", "norm", "global_norm", "value"]
 StateField = Literal["mu", "nu", "nu_max", "acc", "ema", "comp"]
 STATE_FIELDS: tuple[StateField, ...] = ("mu", "nu", "nu_max", "acc", "ema")
 
-# The keys Keras 3's Adam.get_config() prints, in its order.
+# The keys Keras 3's Adam.get_config() prints, in its order (Keras's fact; each is the
+# `Option(config="keras")` of the field of that name, which tests/test_spec_options.py checks).
 KERAS3_KEYS = (
     "name",
     "learning_rate",
@@ -42,57 +50,161 @@ KERAS3_KEYS = (
     "epsilon",
     "amsgrad",
 )
-# adamx's own options, written into a config only with include_adamx=True.
-ADAMX_KEYS = (
-    "exclude_from_weight_decay",
-    "mu_dtype",
-    "nu_dtype",
-    "param_rounding",
-    "seed",
-    "acc_dtype",
-    "flat_state",
-    "quantize_moments",
-    "quantize_block_size",
-    "quantize_min_size",
-)
-# a config writes the quantization options only when quantize_moments is on
-_QUANTIZE_DEFAULTS = ("quantize_moments", "quantize_block_size", "quantize_min_size")
 ParamRounding = Literal["nearest", "kahan", "stochastic"]
 PARAM_ROUNDINGS: tuple[ParamRounding, ...] = ("nearest", "kahan", "stochastic")
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 
-
-class AdamOptions(TypedDict, total=False):
-    """adamx's own keyword-only options of :func:`adamx.adam` (fields of :class:`AdamSpec`)."""
-
-    mu_dtype: Any
-    nu_dtype: Any
-    param_rounding: ParamRounding
-    seed: int
-    acc_dtype: Any
-    flat_state: bool
-    quantize_moments: bool
-    quantize_block_size: int
-    quantize_min_size: int
-    quantize_mask: Any
+# Where a field goes in a Keras config: Keras's own key (always written), an adamx key
+# (written when set, with include_adamx=True), or nowhere (a set value cannot be written).
+ConfigKey = Literal["keras", "adamx", "none"]
+# What the fused kernel does with a field: "any" value runs fused; "moment_dtype" and
+# "acc_dtype": the dtypes the kernel keeps run fused (adamx.fused._plan checks them);
+# "fallback": the kernel does not implement it, a non-default value takes the reference step.
+FusedSupport = Literal["any", "moment_dtype", "acc_dtype", "fallback"]
+# What a field holds; a config writes each kind its own way (see Option.to_config).
+Kind = Literal["number", "count", "flag", "int", "dtype", "choice", "str", "patterns", "mask"]
+Check = Callable[[str, Any], None]
+T = TypeVar("T")
+Convert = Callable[[Any], Any]
 
 
-def _mask_leaves(params: Any, mask: Any, name: str) -> list[bool]:
-    """A pytree of bools like params (or a prefix), or a callable ``params -> such a tree``, as one bool per leaf."""
-    m = mask(params) if callable(mask) else mask
-    try:
-        per_leaf = jax.tree.map(lambda mk, sub: [mk] * len(jax.tree_util.tree_leaves(sub)), m, params)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"`{name}` must be a pytree of bools shaped like params (or a prefix of it): {e}") from e
-    lists = jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
-    out = [v for lst in lists for v in lst]
-    for v in out:
-        if not isinstance(v, bool):
-            raise ValueError(f"`{name}` leaves must be Python bools, got {v!r}.")
-    return out
+def _as_is(value: object) -> object:
+    return value
 
 
-def check_moment_dtype(name: str, dtype: Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """What the code knows about one :class:`AdamSpec` field (its ``dataclasses.field`` metadata).
+
+    - ``kind``: see :data:`Kind`; ``check(name, value)``: raises a ``TypeError``/``ValueError``
+      naming the field.
+    - ``config``: see :data:`ConfigKey`; ``write``/``read``: the value into a config and back, when
+      its kind's way (:meth:`to_config`) is not the one.
+    - ``fused``: see :data:`FusedSupport`. Every field must decide (``tests/test_spec_options.py``).
+    - ``keyword``: one of adamx's keyword-only options of ``adamx.adam`` (a key of :class:`AdamOptions`).
+    - ``example``: a valid non-default value (tests round-trip it through a config).
+    - ``only_with``: the config writes the field only when this bool field is on (its meaning needs it).
+    - ``no_config``: for ``config="none"``, what to do instead (in the error).
+    """
+
+    kind: Kind
+    check: Check
+    config: ConfigKey
+    fused: FusedSupport
+    example: object
+    write: Convert | None = None
+    read: Convert = _as_is
+    keyword: bool = False
+    only_with: str | None = None
+    no_config: str = ""
+
+    def to_config(self, value: object) -> object:
+        """``value`` as a config holds it: ``write``, else its kind's writer."""
+        return (self.write or _WRITERS[self.kind])(value)
+
+    def from_config(self, value: object) -> object:
+        """A config's value as the field takes it."""
+        return self.read(value)
+
+
+METADATA_KEY = "adamx"
+
+
+def option(
+    default: T,
+    *,
+    kind: Kind,
+    check: Check,
+    config: ConfigKey,
+    fused: FusedSupport,
+    example: object,
+    write: Convert | None = None,
+    read: Convert = _as_is,
+    keyword: bool = False,
+    only_with: str | None = None,
+    no_config: str = "",
+) -> T:
+    """A dataclass field of ``default`` that carries its :class:`Option` (the arguments are its fields)."""
+    meta = Option(kind, check, config, fused, example, write, read, keyword, only_with, no_config)
+    field: T = dataclasses.field(default=default, metadata={METADATA_KEY: meta})
+    return field
+
+
+def option_of(f: dataclasses.Field[object]) -> Option:
+    """The :class:`Option` of a spec field; a ``TypeError`` for a field declared without one."""
+    opt = f.metadata.get(METADATA_KEY)
+    if not isinstance(opt, Option):
+        raise TypeError(
+            f"AdamSpec field `{f.name}` has no Option: declare it with `option(default, check=..., config=..., "
+            "fused=..., example=...)` (its validation, Keras config key and fused-kernel decision)."
+        )
+    return opt
+
+
+def options_table(cls: type | None = None) -> dict[str, Option]:
+    """Every field of ``cls`` (default :class:`AdamSpec`) and its :class:`Option`, in field order."""
+    return {f.name: option_of(f) for f in dataclasses.fields(cls or AdamSpec)}
+
+
+# ------------------------------------------------------------------ checks
+def _scalar(**bounds: Any) -> Check:
+    """A number (or a schedule where ``allow_schedule``) in the given range; ``None`` passes when ``optional``."""
+    optional = bounds.pop("optional", False)
+
+    def check(name: str, value: object) -> None:
+        if value is None and optional:
+            return
+        _hyper.check_scalar(name, value, **bounds)
+
+    return check
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+
+
+def _count(lo: int) -> Check:
+    def check(name: str, value: object) -> None:
+        _hyper.check_int(name, value, lo=lo)
+
+    return check
+
+
+def _size(lo: int) -> Check:
+    def check(name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}.")
+
+    return check
+
+
+def _seed(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int, got {value!r}.")
+
+
+def _rounding(name: str, value: object) -> None:
+    if value not in PARAM_ROUNDINGS:
+        raise ValueError(f"`{name}` must be one of {PARAM_ROUNDINGS}, got {value!r}.")
+
+
+def _name(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str, got {value!r}.")
+
+
+def _patterns(name: str, value: object) -> None:
+    _decay.check_exclude(value)
+
+
+def _mask(name: str, value: object) -> None:
+    if value is not None and not callable(value) and not isinstance(value, (dict, list, tuple, bool)):
+        if not hasattr(value, "__dataclass_fields__"):
+            jax.tree_util.tree_structure(value)  # must at least be a pytree
+
+
+def check_moment_dtype(name: str, dtype: DType | None) -> None:
     """``dtype`` must be ``None`` or a floating dtype that can hold a moment (bfloat16, float32, float64;
     float16 for the first moment only): a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
     if dtype is None:
@@ -114,6 +226,153 @@ def check_moment_dtype(name: str, dtype: Any) -> None:
             "|g| < 2.4e-4 (and overflows above 256), which turns Adam's step into lr*m/epsilon. "
             "Use bfloat16 (same size, float32's range) or float32."
         )
+
+
+def check_acc_dtype(name: str, dtype: DType | None) -> None:
+    """``dtype`` must be ``None``, bfloat16, float32 or float64 (with x64 on): the accumulator sums up
+    to ``gradient_accumulation_steps`` gradients, so it needs float32's range."""
+    if dtype is None:
+        return
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be a floating dtype or None, got {dtype!r}.") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating dtype or None, got {dt.name}.")
+    if dt.itemsize < 2:
+        raise ValueError(
+            f"`{name}={dt.name}` cannot hold a sum of gradients: 8-bit floats keep 2-3 significant bits "
+            "and overflow early. Use bfloat16 (half of float32's memory) or float32."
+        )
+    if dt == jnp.dtype(jnp.float16):
+        raise ValueError(
+            f"`{name}=float16` would overflow silently: the sum of the window's gradients becomes inf above "
+            "65504. Use bfloat16 (same size, float32's range) or float32."
+        )
+    if dt == jnp.dtype(np.float64) and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            f"`{name}=float64` needs 64-bit JAX: enable it first with jax.config.update('jax_enable_x64', True) "
+            "(without it JAX stores float32), or use float32."
+        )
+
+
+# ------------------------------------------------------------------ config writers
+def _number(value: object) -> object:
+    """A NumPy scalar as a Python float (Keras's config holds plain numbers); others as they are."""
+    return float(value) if isinstance(value, (np.floating, np.integer)) and not isinstance(value, bool) else value
+
+
+def _no_schedule(name: str) -> Convert:
+    def write(value: object) -> object:
+        if callable(value):
+            raise ValueError(f"`{name}` is a schedule: Keras's config has no place for it.")
+        return _number(value)
+
+    return write
+
+
+def _write_lr(lr: ScalarOrSchedule) -> object:
+    if isinstance(lr, schedules.KerasSchedule):
+        return lr.serialize()
+    if callable(lr):
+        raise ValueError("`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config.")
+    return float(np.asarray(lr, np.float32))  # as Keras stores it: in a float32 variable
+
+
+def _read_lr(lr: object) -> object:
+    return schedules.deserialize(lr) if isinstance(lr, dict) else lr
+
+
+def _dtype_name(value: DType) -> str:
+    return np.dtype(value).name
+
+
+def _int(value: int) -> int:
+    return int(value)
+
+
+def _bool(value: object) -> bool:
+    return bool(value)
+
+
+def _list(value: Sequence[str]) -> list[str]:
+    return list(value)
+
+
+# How a config writes each kind (a field's own ``write`` comes first).
+_WRITERS: dict[Kind, Convert] = {
+    "number": _number,
+    "count": _number,  # as Keras: a NumPy integer becomes a float, a Python int stays
+    "flag": _bool,
+    "int": _int,
+    "dtype": _dtype_name,
+    "choice": _as_is,
+    "str": _as_is,
+    "patterns": _list,
+    "mask": _as_is,  # never written (config="none")
+}
+
+
+# ------------------------------------------------------------------ field declarations
+_BETA = _scalar(lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
+_POSITIVE = _scalar(lo=0.0, lo_open=True, optional=True)  # a threshold or factor > 0, or None
+
+
+def _keras(
+    default: T, kind: Kind, check: Check, example: object, *, write: Convert | None = None, read: Convert = _as_is
+) -> T:
+    """A field with Keras's own config key that the kernel takes at any value."""
+    return option(default, kind=kind, check=check, config="keras", fused="any", example=example, write=write, read=read)
+
+
+def _dtype_option(check: Check, fused: FusedSupport) -> DType | None:
+    """A storage dtype (adamx's keyword option, ``None`` = the default dtype), written by name."""
+    return option(None, kind="dtype", check=check, config="adamx", fused=fused, example="bfloat16", keyword=True)
+
+
+def _quantize_size(default: int, check: Check, example: int) -> int:
+    """A size of the 8-bit moments, written only with ``quantize_moments`` on."""
+    return option(
+        default,
+        kind="int",
+        check=check,
+        config="adamx",
+        fused="any",
+        example=example,
+        keyword=True,
+        only_with="quantize_moments",
+    )
+
+
+class AdamOptions(TypedDict, total=False):
+    """adamx's own keyword-only options of :func:`adamx.adam` (the fields of :class:`AdamSpec` whose
+    :class:`Option` has ``keyword=True``; tests/test_spec_options.py keeps the two equal)."""
+
+    mu_dtype: DType | None
+    nu_dtype: DType | None
+    param_rounding: ParamRounding
+    seed: int
+    acc_dtype: DType | None
+    flat_state: bool
+    quantize_moments: bool
+    quantize_block_size: int
+    quantize_min_size: int
+    quantize_mask: _decay.MaskOrFn
+
+
+def _mask_leaves(params: PyTree, mask: _decay.MaskOrFn, name: str) -> list[bool]:
+    """A pytree of bools like params (or a prefix), or a callable ``params -> such a tree``, as one bool per leaf."""
+    m = mask(params) if callable(mask) else mask
+    try:
+        per_leaf = jax.tree.map(lambda mk, sub: [mk] * len(jax.tree_util.tree_leaves(sub)), m, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"`{name}` must be a pytree of bools shaped like params (or a prefix of it): {e}") from e
+    lists = jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
+    out = [v for lst in lists for v in lst]
+    for v in out:
+        if not isinstance(v, bool):
+            raise ValueError(f"`{name}` leaves must be Python bools, got {v!r}.")
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -164,105 +423,83 @@ class AdamSpec:
       (4, 'norm', False)
     """
 
-    learning_rate: _hyper.ScalarOrSchedule = 0.001
-    beta_1: _hyper.ScalarOrSchedule = 0.9
-    beta_2: _hyper.ScalarOrSchedule = 0.999
-    epsilon: Any = 1e-7
-    amsgrad: bool = False
-    weight_decay: _hyper.ScalarOrSchedule | None = None
-    clipnorm: Any = None
-    clipvalue: Any = None
-    global_clipnorm: Any = None
-    use_ema: bool = False
-    ema_momentum: Any = 0.99
-    ema_overwrite_frequency: Any = None
-    loss_scale_factor: Any = None
-    gradient_accumulation_steps: Any = None
-    exclude_from_weight_decay: Sequence[str] | None = None
-    weight_decay_mask: _decay.MaskOrFn = None
-    mu_dtype: Any = None
-    nu_dtype: Any = None
-    param_rounding: ParamRounding = "nearest"
-    seed: int = 0
-    acc_dtype: Any = None
-    flat_state: bool = False
-    quantize_moments: bool = False
-    quantize_block_size: int = 256
-    quantize_min_size: int = 4096
-    quantize_mask: _decay.MaskOrFn = None
-    name: str = "adam"
+    learning_rate: ScalarOrSchedule = _keras(
+        0.001, "number", _scalar(lo=0.0, allow_schedule=True), 0.01, write=_write_lr, read=_read_lr
+    )
+    beta_1: ScalarOrSchedule = _keras(0.9, "number", _BETA, 0.8, write=_no_schedule("beta_1"))
+    beta_2: ScalarOrSchedule = _keras(0.999, "number", _BETA, 0.99, write=_no_schedule("beta_2"))
+    epsilon: Scalar = _keras(1e-7, "number", _scalar(lo=0.0), 1e-5)
+    amsgrad: bool = _keras(False, "flag", _flag, True)
+    weight_decay: ScalarOrSchedule | None = _keras(
+        None, "number", _scalar(lo=0.0, allow_schedule=True, optional=True), 0.01, write=_no_schedule("weight_decay")
+    )
+    clipnorm: Scalar | None = _keras(None, "number", _POSITIVE, 1.0)
+    clipvalue: Scalar | None = _keras(None, "number", _POSITIVE, 0.5)
+    global_clipnorm: Scalar | None = _keras(None, "number", _POSITIVE, 2.0)
+    use_ema: bool = _keras(False, "flag", _flag, True)
+    ema_momentum: Scalar = _keras(0.99, "number", _scalar(lo=0.0, hi=1.0), 0.9)
+    ema_overwrite_frequency: Scalar | None = _keras(None, "count", _count(1), 5)
+    loss_scale_factor: Scalar | None = _keras(None, "number", _POSITIVE, 128.0)
+    gradient_accumulation_steps: Scalar | None = _keras(None, "count", _count(1), 4)
+    exclude_from_weight_decay: Sequence[str] | None = option(
+        None, kind="patterns", check=_patterns, config="adamx", fused="any", example=("bias",)
+    )
+    weight_decay_mask: _decay.MaskOrFn = option(
+        None,
+        kind="mask",
+        check=_mask,
+        config="none",
+        fused="any",
+        example=True,
+        no_config="use exclude_from_weight_decay",
+    )
+    mu_dtype: DType | None = _dtype_option(check_moment_dtype, "moment_dtype")
+    nu_dtype: DType | None = _dtype_option(check_moment_dtype, "moment_dtype")
+    param_rounding: ParamRounding = option(
+        "nearest", kind="choice", check=_rounding, config="adamx", fused="any", example="stochastic", keyword=True
+    )
+    seed: int = option(0, kind="int", check=_seed, config="adamx", fused="any", example=7, keyword=True)
+    acc_dtype: DType | None = _dtype_option(check_acc_dtype, "acc_dtype")
+    flat_state: bool = option(False, kind="flag", check=_flag, config="adamx", fused="any", example=True, keyword=True)
+    quantize_moments: bool = option(
+        False, kind="flag", check=_flag, config="adamx", fused="any", example=True, keyword=True
+    )
+    quantize_block_size: int = _quantize_size(256, _size(1), 128)
+    quantize_min_size: int = _quantize_size(4096, _size(0), 1024)
+    quantize_mask: _decay.MaskOrFn = option(
+        None,
+        kind="mask",
+        check=_mask,
+        config="none",
+        fused="any",
+        example=False,
+        keyword=True,
+        no_config="give it to adamx.adam after reading the config",
+    )
+    name: str = _keras("adam", "str", _name, "my_adam")
 
     @classmethod
-    def build(cls, **kwargs: Any) -> AdamSpec:
+    def build(cls, **kwargs: object) -> AdamSpec:
         """``AdamSpec(**kwargs)``, with a ``TypeError`` naming an unknown option."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise TypeError(f"adamx.adam got unknown option(s) {unknown}; the options are {names}.")
-        return cls(**kwargs)
+        return cls(**kwargs)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
-        _hyper.check_scalar("learning_rate", self.learning_rate, lo=0.0, allow_schedule=True)
-        _hyper.check_scalar("beta_1", self.beta_1, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
-        _hyper.check_scalar("beta_2", self.beta_2, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
-        _hyper.check_scalar("epsilon", self.epsilon, lo=0.0)
-        for flag in ("amsgrad", "use_ema", "flat_state"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"`{flag}` must be a bool, got {getattr(self, flag)!r}.")
-        if self.weight_decay is not None:
-            _hyper.check_scalar("weight_decay", self.weight_decay, lo=0.0, allow_schedule=True)
         set_clips = [k for k in _CLIP_ARGS if getattr(self, k) is not None]
         if len(set_clips) > 1:
             raise ValueError(
                 "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
                 f"Received: {', '.join(f'{k}={getattr(self, k)}' for k in set_clips)}."
             )
-        for k in set_clips:
-            _hyper.check_scalar(k, getattr(self, k), lo=0.0, lo_open=True)
-        _hyper.check_scalar("ema_momentum", self.ema_momentum, lo=0.0, hi=1.0)
-        _hyper.check_int("ema_overwrite_frequency", self.ema_overwrite_frequency, lo=1)
-        _hyper.check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, lo=1)
-        if self.loss_scale_factor is not None:
-            _hyper.check_scalar("loss_scale_factor", self.loss_scale_factor, lo=0.0, lo_open=True)
-        _decay.check_exclude(self.exclude_from_weight_decay)
-        wdm = self.weight_decay_mask
-        if wdm is not None and not callable(wdm) and not isinstance(wdm, (dict, list, tuple, bool)):
-            if not hasattr(wdm, "__dataclass_fields__"):
-                jax.tree_util.tree_structure(wdm)  # must at least be a pytree
-        self._check_mixed_precision()
-        if not isinstance(self.name, str):
-            raise TypeError(f"`name` must be a str, got {self.name!r}.")
-        check_moment_dtype("mu_dtype", self.mu_dtype)
-        check_moment_dtype("nu_dtype", self.nu_dtype)
-        self._check_quantize()
-
-    def _check_quantize(self) -> None:
-        if not isinstance(self.quantize_moments, bool):
-            raise TypeError(f"`quantize_moments` must be a bool, got {self.quantize_moments!r}.")
-        for k, lo in (("quantize_block_size", 1), ("quantize_min_size", 0)):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"`{k}` must be an int >= {lo}, got {v!r}.")
-        qm = self.quantize_mask
-        if qm is not None and not callable(qm) and not isinstance(qm, (dict, list, tuple, bool)):
-            jax.tree_util.tree_structure(qm)  # must at least be a pytree
-
-    def _check_mixed_precision(self) -> None:
-        if self.param_rounding not in PARAM_ROUNDINGS:
-            raise ValueError(f"`param_rounding` must be one of {PARAM_ROUNDINGS}, got {self.param_rounding!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise TypeError(f"`seed` must be an int, got {self.seed!r}.")
-        if self.acc_dtype is not None:
-            try:
-                dt = jnp.dtype(self.acc_dtype)
-            except TypeError as e:
-                raise TypeError(f"`acc_dtype` must be a floating dtype or None, got {self.acc_dtype!r}.") from e
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(f"`acc_dtype` must be a floating dtype or None, got {dt.name}.")
+        for name, opt in options_table(type(self)).items():
+            opt.check(name, getattr(self, name))
 
     # ------------------------------------------------------------------ derived values
     @property
-    def window(self) -> Any:
+    def window(self) -> Scalar | None:
         """The accumulation window ``k`` (``None`` without accumulation, also for ``k == 1``)."""
         k = self.gradient_accumulation_steps
         # Only a static 1 (a Python/NumPy int) switches accumulation off: an array (e.g. from
@@ -294,7 +531,7 @@ class AdamSpec:
         return "none"
 
     @property
-    def clip_threshold(self) -> Any:
+    def clip_threshold(self) -> Scalar | None:
         """The threshold of :attr:`clip_mode` (``None`` for ``none``)."""
         return {"norm": self.clipnorm, "global_norm": self.global_clipnorm, "value": self.clipvalue}.get(self.clip_mode)
 
@@ -311,7 +548,7 @@ class AdamSpec:
         kahan: tuple[StateField, ...] = ("comp",) if self.param_rounding == "kahan" else ()
         return tuple(f for f in STATE_FIELDS if on[f]) + kahan
 
-    def quantized_leaves(self, params: Any) -> list[bool]:
+    def quantized_leaves(self, params: PyTree) -> list[bool]:
         """Which leaves of ``params`` keep 8-bit ``mu``/``nu``/``nu_max`` (leaf order).
 
         A leaf is quantized when ``quantize_moments`` is on, it has at least
@@ -331,7 +568,7 @@ class AdamSpec:
             for q, p in zip(on, leaves)
         ]
 
-    def state_dtype(self, field: StateField, param_dtype: Any) -> jnp.dtype:
+    def state_dtype(self, field: StateField, param_dtype: DType) -> jnp.dtype:
         """Storage dtype of ``field`` for a parameter of ``param_dtype``."""
         if field in ("mu",):
             return _tree.state_dtype(param_dtype, self.mu_dtype)
@@ -345,42 +582,28 @@ class AdamSpec:
 
     # ------------------------------------------------------------------ Keras config
     @property
-    def hyperparams(self) -> dict[str, Any]:
+    def hyperparams(self) -> dict[str, object]:
         """The options as a dict keyed by argument name (what ``adamx.adam`` was called with)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def keras_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
-        """The Keras 3 ``Adam.get_config()`` dict (see :func:`adamx.to_keras_config`)."""
-        lr = self.learning_rate
-        if isinstance(lr, schedules.KerasSchedule):
-            lr_out: Any = lr.serialize()
-        elif callable(lr):
-            raise ValueError(
-                "`learning_rate` is a schedule that is not one of adamx.schedules: it has no Keras config."
-            )
-        else:
-            lr_out = float(np.float32(lr))
-        for k in ("beta_1", "beta_2", "weight_decay"):
-            if callable(getattr(self, k)):
-                raise ValueError(f"`{k}` is a schedule: Keras's config has no place for it.")
-        if self.weight_decay_mask is not None:
-            raise ValueError("`weight_decay_mask` cannot be written into a config; use exclude_from_weight_decay.")
-        out: dict[str, Any] = {"name": self.name, "learning_rate": lr_out}
-        for k in KERAS3_KEYS[2:]:
-            v = getattr(self, k)
-            out[k] = float(v) if isinstance(v, (np.floating, np.integer)) and not isinstance(v, bool) else v
-        extra = {
-            k: getattr(self, k) for k in ADAMX_KEYS if getattr(self, k) is not None and getattr(self, k) is not False
-        }
-        if not self.quantize_moments:  # the block and min sizes mean nothing then
-            for k in _QUANTIZE_DEFAULTS:
-                extra.pop(k, None)
-        if self.quantize_mask is not None:
-            raise ValueError("`quantize_mask` cannot be written into a config.")
-        if extra.get("param_rounding") == "nearest":
-            extra.pop("param_rounding")
-        if extra.get("seed") == 0:
-            extra.pop("seed")
+    def keras_config(self, *, include_adamx: bool = False) -> KerasConfig:
+        """The Keras 3 ``Adam.get_config()`` dict (see :func:`adamx.to_keras_config`).
+
+        Each field is written as its :class:`Option` says: Keras's keys always (in Keras's
+        order), adamx's keys when set and ``include_adamx`` (``flat_state``, a storage
+        layout, is left out without it), a field without a key refused when set.
+        """
+        table = options_table(type(self))
+        out = {k: table[k].to_config(getattr(self, k)) for k in KERAS3_KEYS}
+        extra: KerasConfig = {}
+        for name, opt in table.items():
+            value = getattr(self, name)
+            if opt.config == "keras" or not _is_set(self, name, value):
+                continue
+            if opt.config == "none":
+                raise ValueError(f"`{name}` cannot be written into a config; {opt.no_config}.")
+            if opt.only_with is None or getattr(self, opt.only_with):
+                extra[name] = opt.to_config(value)
         if not include_adamx:
             extra.pop("flat_state", None)  # a storage layout, not a semantic: Keras needs no key for it
         if extra and not include_adamx:
@@ -388,13 +611,22 @@ class AdamSpec:
                 f"Keras's Adam config has no key for {sorted(extra)}; pass include_adamx=True to add them "
                 "(Keras itself will then refuse the config)."
             )
-        for k, v in extra.items():
-            if k in ("flat_state", "quantize_moments"):
-                out[k] = bool(v)
-            elif k in ("quantize_block_size", "quantize_min_size"):
-                out[k] = int(v)
-            elif k in ("param_rounding", "seed"):
-                out[k] = v
-            else:
-                out[k] = list(v) if k == "exclude_from_weight_decay" else np.dtype(v).name
-        return out
+        return {**out, **extra}
+
+
+def _is_set(spec: AdamSpec, name: str, value: object) -> bool:
+    """Whether a field differs from its default (``only_with`` fields: whether their switch is on)."""
+    f = type(spec).__dataclass_fields__[name]
+    opt = option_of(f)
+    if opt.only_with is not None and getattr(spec, opt.only_with):
+        return True
+    if value is f.default:
+        return False
+    try:
+        return bool(value != f.default)
+    except (TypeError, ValueError):  # e.g. an array compared elementwise
+        return True
+
+
+# adamx's own config keys, written only with include_adamx=True (from the table).
+ADAMX_KEYS: tuple[str, ...] = tuple(name for name, opt in options_table().items() if opt.config == "adamx")

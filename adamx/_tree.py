@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-PyTree = Any
+from adamx._types import ArrayLike, DType, Leaf
+from adamx._types import PyTree as PyTree
 
 
-def path_str(path: tuple[Any, ...]) -> str:
+def path_str(path: tuple[object, ...]) -> str:
     """A key path as ``a/b/0/c``: the form matched by ``exclude_from_weight_decay``."""
     parts = []
     for k in path:
@@ -35,11 +34,11 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return [path_str(p) for p, _ in leaves]
 
 
-def _is_sparse(x: Any) -> bool:
+def _is_sparse(x: object) -> bool:
     return isinstance(x, jsparse.BCOO)
 
 
-def _describe(x: Any) -> str:
+def _describe(x: Leaf) -> str:
     if x is None:
         return "None"
     if hasattr(x, "shape") and hasattr(x, "dtype"):
@@ -67,7 +66,7 @@ def _first_mismatch(grads: PyTree, params: PyTree) -> str:
     )
 
 
-def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], jax.tree_util.PyTreeDef]:
+def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Leaf], list[Leaf], jax.tree_util.PyTreeDef]:
     """Flatten ``grads`` up to the structure of ``params``.
 
     Returns ``(grad_leaves, param_leaves, treedef)`` where ``treedef`` is the
@@ -76,14 +75,14 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
     ``jax.experimental.sparse.BCOO`` (summed to dense). Anything else that does not
     line up raises ``ValueError`` naming the first mismatching path.
     """
-    treedef: Any = jax.tree_util.tree_structure(params)
+    treedef: jax.tree_util.PyTreeDef = jax.tree_util.tree_structure(params)
     try:
         g_leaves = treedef.flatten_up_to(grads)
     except (ValueError, TypeError) as e:
         raise ValueError(f"grads do not match params: {_first_mismatch(grads, params)}") from e
     p_leaves = treedef.flatten_up_to(params)
     paths = None
-    out: list[Any] = []
+    out: list[Leaf] = []
     for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
         if g is None:
             out.append(None)
@@ -108,7 +107,7 @@ def align_grads(grads: PyTree, params: PyTree) -> tuple[list[Any], list[Any], ja
     return out, p_leaves, treedef
 
 
-def compute_dtype(dtype: Any) -> jnp.dtype:
+def compute_dtype(dtype: DType) -> jnp.dtype:
     """The dtype adamx does arithmetic in for a parameter of ``dtype``: float32 at least
     (complex64 at least for complex parameters)."""
     dtype = jnp.dtype(dtype)
@@ -119,18 +118,18 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
-def compute_dtype_of(*arrays: Any) -> jnp.dtype:
+def compute_dtype_of(*arrays: ArrayLike) -> jnp.dtype:
     """The widest :func:`compute_dtype` of the arrays (no implicit promotion: strict-safe)."""
     return max((compute_dtype(jnp.result_type(x)) for x in arrays), key=lambda d: d.itemsize)
 
 
-def real_dtype(dtype: Any) -> jnp.dtype:
+def real_dtype(dtype: DType) -> jnp.dtype:
     """``dtype``, or the real dtype of its parts for a complex ``dtype`` (complex64 -> float32)."""
     dtype = jnp.dtype(dtype)
     return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
 
 
-def rounded_sum(p: jax.Array, u: jax.Array, dtype: Any) -> jax.Array:
+def rounded_sum(p: jax.Array, u: jax.Array, dtype: DType) -> jax.Array:
     """``optax.apply_updates(p, u)`` as the stored params will hold it, returned in ``dtype``.
 
     For bfloat16/float16 params XLA may keep ``p + u`` in float32 inside a fusion
@@ -152,18 +151,18 @@ def rounded_sum(p: jax.Array, u: jax.Array, dtype: Any) -> jax.Array:
     return s
 
 
-def state_dtype(param_dtype: Any, requested: Any | None) -> jnp.dtype:
+def state_dtype(param_dtype: DType, requested: DType | None) -> jnp.dtype:
     """Dtype of a per-parameter optimizer buffer: the requested one, else the compute dtype."""
     if requested is not None:
         return jnp.dtype(requested)
     return compute_dtype(param_dtype)
 
 
-def zeros_like(p: Any, dtype: Any) -> jax.Array:
+def zeros_like(p: ArrayLike, dtype: DType) -> jax.Array:
     """Fresh zeros with ``p``'s shape (and sharding, when it has one)."""
     return jnp.zeros_like(p, dtype=dtype)
 
 
-def fresh_copy(p: Any, dtype: Any) -> jax.Array:
+def fresh_copy(p: ArrayLike, dtype: DType) -> jax.Array:
     """A copy of ``p`` in ``dtype`` that never aliases ``p``'s buffer (safe under donation)."""
     return jnp.array(p, dtype=dtype, copy=True)

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
+
+from adamx._types import ArrayLike, KerasConfig
 
 _MODULE = "keras.optimizers.schedules"
 
 
-def _f32(x: Any) -> Any:
+def _f32(x: ArrayLike) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _positive(name: str, value: Any) -> None:
+def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ValueError(f"Argument `{name}` must be > 0. Received: {name}={value}")
 
@@ -44,13 +47,13 @@ class KerasSchedule:
 
     class_name: ClassVar[str]
 
-    def __call__(self, count: Any) -> Any:  # pragma: no cover - abstract
+    def __call__(self, count: ArrayLike) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def get_config(self) -> dict[str, Any]:
+    def get_config(self) -> KerasConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
-    def serialize(self) -> dict[str, Any]:
+    def serialize(self) -> KerasConfig:
         """Keras's serialized form, as found in ``Adam.get_config()['learning_rate']``."""
         return {"module": _MODULE, "class_name": self.class_name, "config": self.get_config(), "registered_name": None}
 
@@ -82,7 +85,7 @@ class ExponentialDecay(KerasSchedule):
     def __post_init__(self) -> None:
         _positive("decay_steps", self.decay_steps)
 
-    def __call__(self, count: Any) -> Any:
+    def __call__(self, count: ArrayLike) -> jax.Array:
         p = _f32(count) / _f32(self.decay_steps)
         if self.staircase:
             p = jnp.floor(p)
@@ -95,7 +98,7 @@ class PiecewiseConstantDecay(KerasSchedule):
 
     class_name = "PiecewiseConstantDecay"
 
-    boundaries: list[Any]
+    boundaries: list[float]
     values: list[float]
     name: str = "PiecewiseConstant"
 
@@ -109,7 +112,7 @@ class PiecewiseConstantDecay(KerasSchedule):
         self.boundaries = list(self.boundaries)
         self.values = list(self.values)
 
-    def __call__(self, count: Any) -> Any:
+    def __call__(self, count: ArrayLike) -> jax.Array:
         step = jnp.asarray(count)
         b = [jnp.asarray(x).astype(step.dtype) for x in self.boundaries]
         vals = [_f32(v) for v in self.values]
@@ -136,7 +139,7 @@ class PolynomialDecay(KerasSchedule):
     def __post_init__(self) -> None:
         _positive("decay_steps", self.decay_steps)
 
-    def __call__(self, count: Any) -> Any:
+    def __call__(self, count: ArrayLike) -> jax.Array:
         init = _f32(self.initial_learning_rate)
         end = _f32(self.end_learning_rate)
         step = _f32(count)
@@ -165,7 +168,7 @@ class InverseTimeDecay(KerasSchedule):
     def __post_init__(self) -> None:
         _positive("decay_steps", self.decay_steps)
 
-    def __call__(self, count: Any) -> Any:
+    def __call__(self, count: ArrayLike) -> jax.Array:
         p = _f32(count) / _f32(self.decay_steps)
         if self.staircase:
             p = jnp.floor(p)
@@ -188,12 +191,12 @@ class CosineDecay(KerasSchedule):
     def __post_init__(self) -> None:
         _positive("decay_steps", self.decay_steps)
 
-    def _decay(self, step: Any, decay_steps: Any, from_lr: Any) -> Any:
+    def _decay(self, step: jax.Array, decay_steps: jax.Array, from_lr: jax.Array) -> jax.Array:
         frac = step / decay_steps
         cosine = 0.5 * (1.0 + jnp.cos(_f32(math.pi) * frac))
         return from_lr * ((1 - self.alpha) * cosine + self.alpha)
 
-    def __call__(self, count: Any) -> Any:
+    def __call__(self, count: ArrayLike) -> jax.Array:
         init = _f32(self.initial_learning_rate)
         decay_steps = _f32(self.decay_steps)
         step = _f32(count)
@@ -222,7 +225,7 @@ class CosineDecayRestarts(KerasSchedule):
     def __post_init__(self) -> None:
         _positive("first_decay_steps", self.first_decay_steps)
 
-    def __call__(self, count: Any) -> Any:
+    def __call__(self, count: ArrayLike) -> jax.Array:
         init = _f32(self.initial_learning_rate)
         alpha = _f32(self.alpha)
         t_mul = _f32(self.t_mul)
@@ -253,7 +256,7 @@ SCHEDULES: dict[str, type[KerasSchedule]] = {
 }
 
 
-def deserialize(config: dict[str, Any]) -> KerasSchedule:
+def deserialize(config: KerasConfig) -> KerasSchedule:
     """Build a schedule from Keras's serialized dict (``{'class_name': ..., 'config': ...}``)."""
     if not isinstance(config, dict) or "class_name" not in config or "config" not in config:
         raise ValueError(f"A serialized schedule needs 'class_name' and 'config' keys, got {config!r}.")

@@ -52,11 +52,16 @@ Example (8 devices, e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeAlias
 
 import jax
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from adamx._types import Leaf, PyTree
+
+# One entry of a PartitionSpec: unsharded, one mesh axis, or several.
+SpecEntry: TypeAlias = str | tuple[str, ...] | None
 
 __all__ = [
     "bytes_per_device",
@@ -67,7 +72,7 @@ __all__ = [
 ]
 
 
-def _is_array_like(x: Any) -> bool:
+def _is_array_like(x: object) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
@@ -77,7 +82,7 @@ def _axis_size(mesh: Mesh, axis: str) -> int:
     return int(mesh.shape[axis])
 
 
-def _same_mesh(a: Any, mesh: Mesh) -> bool:
+def _same_mesh(a: Mesh | AbstractMesh, mesh: Mesh) -> bool:
     """``a`` (a concrete or abstract mesh) has the axes and sizes of ``mesh``."""
     try:
         return tuple(a.axis_names) == tuple(mesh.axis_names) and dict(a.shape) == dict(mesh.shape)
@@ -85,7 +90,7 @@ def _same_mesh(a: Any, mesh: Mesh) -> bool:
         return False
 
 
-def _entry_axes(entry: Any) -> tuple[Any, ...]:
+def _entry_axes(entry: SpecEntry) -> tuple[str, ...]:
     if entry is None:
         return ()
     if isinstance(entry, (tuple, list)):
@@ -93,7 +98,7 @@ def _entry_axes(entry: Any) -> tuple[Any, ...]:
     return (entry,)
 
 
-def _leaf_spec(x: Any, mesh: Mesh) -> tuple[Any, ...] | None:
+def _leaf_spec(x: Leaf, mesh: Mesh) -> tuple[SpecEntry, ...] | None:
     """The partition spec ``x`` already has on ``mesh`` (padded to its rank), or ``None``."""
     sharding = getattr(x, "sharding", None)
     if sharding is None and isinstance(x, jax.core.Tracer):
@@ -108,7 +113,7 @@ def _leaf_spec(x: Any, mesh: Mesh) -> tuple[Any, ...] | None:
 
 
 def zero1_partition_spec(
-    shape: tuple[int, ...], axis_size: int, axis: str = "data", base: tuple[Any, ...] | None = None
+    shape: tuple[int, ...], axis_size: int, axis: str = "data", base: tuple[SpecEntry, ...] | None = None
 ) -> PartitionSpec:
     """The ZeRO-1 ``PartitionSpec`` of one buffer of ``shape``.
 
@@ -127,7 +132,7 @@ def zero1_partition_spec(
       >>> zero1_partition_spec((16, 4), 8, base=("model", None)) == P("model", None)
       True
     """
-    spec = list(base) if base is not None else [None] * len(shape)
+    spec: list[SpecEntry] = list(base) if base is not None else [None] * len(shape)
     spec += [None] * (len(shape) - len(spec))
     if any(axis in _entry_axes(e) for e in spec):
         return PartitionSpec(*spec)
@@ -138,7 +143,7 @@ def zero1_partition_spec(
     return PartitionSpec(*spec)
 
 
-def zero1_state_sharding(tree: Any, mesh: Mesh, axis: str = "data") -> Any:
+def zero1_state_sharding(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
     """``NamedSharding`` s that place ``tree`` ZeRO-1 style over ``mesh``'s ``axis``.
 
     ``tree`` is an optimizer state (or params, grads: the rule depends only on
@@ -165,7 +170,7 @@ def zero1_state_sharding(tree: Any, mesh: Mesh, axis: str = "data") -> Any:
     """
     size = _axis_size(mesh, axis)
 
-    def one(x: Any) -> Any:
+    def one(x: Leaf) -> Leaf:
         if not _is_array_like(x):
             return x
         shape = tuple(x.shape)
@@ -176,7 +181,7 @@ def zero1_state_sharding(tree: Any, mesh: Mesh, axis: str = "data") -> Any:
     return jax.tree.map(one, tree)
 
 
-def replicated_sharding(tree: Any, mesh: Mesh) -> Any:
+def replicated_sharding(tree: PyTree, mesh: Mesh) -> PyTree:
     """``NamedSharding(mesh, P())`` for every array leaf of ``tree`` (the params under ZeRO-1).
 
     Example:
@@ -195,7 +200,7 @@ def _explicit(mesh: Mesh, axis: str) -> bool:
     return types.get(axis) == AxisType.Explicit
 
 
-def _place(x: Any, sharding: Any, explicit: bool) -> Any:
+def _place(x: Leaf, sharding: object, explicit: bool) -> Leaf:
     """Move ``x`` to ``sharding``: ``reshard`` on Explicit axes, else a constraint (traced) or ``device_put``."""
     if not isinstance(sharding, NamedSharding) or not _is_array_like(x):
         return x
@@ -206,11 +211,11 @@ def _place(x: Any, sharding: Any, explicit: bool) -> Any:
     return jax.device_put(x, sharding)
 
 
-def _place_tree(tree: Any, shardings: Any, explicit: bool) -> Any:
+def _place_tree(tree: PyTree, shardings: PyTree, explicit: bool) -> PyTree:
     return jax.tree.map(lambda s, x: _place(x, s, explicit), shardings, tree, is_leaf=lambda s: s is None)
 
 
-def _known_sharding(x: Any, mesh: Mesh, explicit: bool) -> NamedSharding | None:
+def _known_sharding(x: Leaf, mesh: Mesh, explicit: bool) -> NamedSharding | None:
     """``x``'s sharding on ``mesh`` when it is known: concrete arrays, or tracers on Explicit axes."""
     if not _is_array_like(x) or (isinstance(x, jax.core.Tracer) and not explicit):
         return None
@@ -252,7 +257,7 @@ def zero1(inner: optax.GradientTransformation, mesh: Mesh, axis: str = "data") -
         return _place_tree(state, zero1_state_sharding(state, mesh, axis), explicit)
 
     def update_fn(
-        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra: Any
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra: object
     ) -> tuple[optax.Updates, optax.OptState]:
         target = zero1_state_sharding(updates, mesh, axis)
         # where each update goes back to: the params' sharding (else the grads') when it is known
@@ -267,7 +272,7 @@ def zero1(inner: optax.GradientTransformation, mesh: Mesh, axis: str = "data") -
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def bytes_per_device(tree: Any) -> dict[Any, int]:
+def bytes_per_device(tree: PyTree) -> dict[jax.Device, int]:
     """Bytes each device holds for the arrays of ``tree`` (summed over ``addressable_shards``).
 
     Only this process's devices are counted (in a multi-process run each process
@@ -279,7 +284,7 @@ def bytes_per_device(tree: Any) -> dict[Any, int]:
       >>> list(bytes_per_device({"w": jnp.zeros((4, 2)), "s": None}).values())
       [32]
     """
-    out: dict[Any, int] = {}
+    out: dict[jax.Device, int] = {}
     for leaf in jax.tree.leaves(tree):
         for shard in getattr(leaf, "addressable_shards", ()):
             out[shard.device] = out.get(shard.device, 0) + int(shard.data.nbytes)

@@ -21,7 +21,7 @@ PKG = pathlib.Path(adamx.__file__).parent
 # Bottom to top: a module may import only modules of a lower layer (or of its own layer's
 # earlier entries, listed in order). adamx/__init__.py, the public face, sits above all.
 LAYERS = [
-    ["adamx._hyper", "adamx._tree", "adamx.schedules"],
+    ["adamx._types", "adamx._hyper", "adamx._tree", "adamx.schedules"],
     [
         "adamx._quantize",
         "adamx._lowbit",

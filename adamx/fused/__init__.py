@@ -26,11 +26,13 @@ not), ``_kernel`` (the ``jax.ffi`` calls). ``ADAMX_FUSED=0`` switches the kernel
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import threading
 
 import jax
 import optax
 
+from adamx._types import PyTree
 from adamx.fused import _kernel, _plan
 from adamx.fused._build import available, status
 from adamx.fused._plan import SUPPORTED
@@ -46,13 +48,33 @@ __all__ = [
 ]
 
 
-def why_not(tx: Any, grads: Any, opt_state: Any, params: Any) -> str | None:
+log = logging.getLogger("adamx")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def why_not(tx: object, grads: PyTree, opt_state: PyTree, params: PyTree) -> str | None:
     """``None`` when :func:`apply_gradients` takes the fused path, else the reason it does not."""
     return _plan.plan(tx, grads, opt_state, params)[0]
 
 
+def _warn_fallback(reason: str) -> None:
+    """A ``logging`` WARNING on the ``adamx`` logger, once per distinct reason per process."""
+    with _warned_lock:
+        if reason in _warned:
+            return
+        _warned.add(reason)
+    log.warning(
+        "adamx.fused: the fused kernel does not apply (%s); apply_gradients takes update + "
+        "optax.apply_updates (same numbers, slower). adamx.fused.why_not(...) gives the reason.",
+        reason,
+    )
+
+
 # ------------------------------------------------------------------ the step
-def apply_gradients(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+def apply_gradients(
+    tx: optax.GradientTransformation, grads: PyTree, opt_state: PyTree, params: PyTree
+) -> tuple[PyTree, PyTree]:
     """``tx.update`` followed by ``optax.apply_updates``, as one fused pass where possible.
 
     Returns ``(new_params, new_opt_state)``: the same values as
@@ -64,7 +86,9 @@ def apply_gradients(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[A
 
     For an ``adamx.adam``/``adamx.adamw`` optimizer on CPU it runs one in-place pass over
     params, grads and optimizer state (jit the step and donate params and state to get
-    the in-place update without copies). Anything else takes the two lines above.
+    the in-place update without copies). Anything else takes the two lines above, and the
+    ``adamx`` logger prints a WARNING once per reason (the kernel is unavailable, an option
+    or dtype it does not take, ...; :func:`why_not` returns it).
 
     Example:
       >>> import jax, jax.numpy as jnp, adamx
@@ -81,12 +105,13 @@ def apply_gradients(tx: Any, grads: Any, opt_state: Any, params: Any) -> tuple[A
         own = getattr(tx, "apply_gradients", None)
         if getattr(tx, "spec", None) is None and callable(own):
             return own(grads, opt_state, params)  # e.g. a loss scaler around a fused adamx.adam
+        _warn_fallback(reason or "no plan")
         updates, new_state = tx.update(grads, opt_state, params)
         return _apply_updates(params, updates), new_state
     return _kernel.run(pl, opt_state, params)
 
 
-def _apply_updates(params: Any, updates: Any) -> Any:
+def _apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``optax.apply_updates`` where a ``None`` update (no gradient) leaves the param alone."""
     # another transformation's updates may be wider than params (optax.apply_updates adds in the
     # promoted dtype and rounds back): its semantics, also under strict dtype promotion
@@ -98,7 +123,7 @@ def _apply_updates(params: Any, updates: Any) -> Any:
         )
 
 
-def train_state_apply_gradients(state: Any, grads: Any) -> Any:
+def train_state_apply_gradients(state: PyTree, grads: PyTree) -> PyTree:
     """Flax linen ``TrainState.apply_gradients(grads=grads)`` through the fused step.
 
     Works on any ``flax.training.train_state.TrainState`` (or an object with ``tx``,
@@ -120,7 +145,7 @@ def train_state_apply_gradients(state: Any, grads: Any) -> Any:
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
-def nnx_update(optimizer: Any, model: Any, grads: Any) -> None:
+def nnx_update(optimizer: PyTree, model: PyTree, grads: PyTree) -> None:
     """``flax.nnx.Optimizer.update(model, grads)`` through the fused step.
 
     Updates ``model``'s parameters (those ``optimizer.wrt`` selects), ``optimizer.opt_state``

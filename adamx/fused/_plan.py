@@ -1,17 +1,20 @@
 """When the fused kernel applies: the options it supports and the plan it runs.
 
-:data:`SUPPORTED` lists every :class:`adamx.AdamSpec` option the kernel implements, with
-the values it takes. An option that is not listed (a new one) makes :func:`plan` fall
-back to the reference step whenever it differs from its default, with a reason that
-names it (``adamx.fused.why_not``); ``tests/test_performance_paths.py`` checks that every
-spec field is either listed or falls back.
+Each :class:`adamx.AdamSpec` field decides in its :class:`adamx._spec.Option` what the
+kernel does with it (``fused=``): :data:`SUPPORTED` is built from those decisions, a check
+per field of the values the kernel takes. A field the kernel does not implement
+(``fused="fallback"``, or a field missing from the table) makes :func:`plan` fall back
+to the reference step whenever it differs from its default, with a reason that names it
+(``adamx.fused.why_not``). ``tests/test_spec_options.py`` checks that every field decides.
+The plan itself is typed: a :class:`TreePlan` (per-leaf lists) or a :class:`FlatPlan`
+(one buffer per state field).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -19,61 +22,57 @@ import numpy as np
 
 from adamx import _checks, _quantize, _state, _tree
 from adamx._flat import FlatBuffers
-from adamx._spec import AdamSpec
+from adamx._spec import AdamSpec, FusedSupport, options_table
 from adamx._state import AdamState, AnyAdamState, KahanAdamState
+from adamx._types import ArrayLike, DType, PyTree
 from adamx.fused import _build
 
 PARAM_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
 MOMENT_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)})
 ACC_DTYPES = MOMENT_DTYPES
 
+OptionCheck = Callable[[object], "str | None"]
+# A leaf's moment in a tree plan: a float array, or 8-bit codes and block scales.
+LeafMoment: TypeAlias = "jax.Array | _quantize.QuantizedArray"
 
-def _any(value: Any) -> str | None:
+
+def _any(value: object) -> str | None:
     return None
 
 
-def _moment_dtype(value: Any) -> str | None:
+def _moment_dtype(value: DType | None) -> str | None:
     if value is None or jnp.dtype(value) in MOMENT_DTYPES:
         return None
     return f"unsupported moment dtypes ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
 
 
-def _acc_dtype(value: Any) -> str | None:
+def _acc_dtype(value: DType | None) -> str | None:
     if value is None or jnp.dtype(value) in ACC_DTYPES:
         return None
     return f"unsupported accumulator dtype ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
 
 
-# Every spec option the kernel implements: a check of its value (``None``: supported).
-SUPPORTED: dict[str, Callable[[Any], str | None]] = {
-    "learning_rate": _any,
-    "beta_1": _any,
-    "beta_2": _any,
-    "epsilon": _any,
-    "amsgrad": _any,
-    "weight_decay": _any,
-    "clipnorm": _any,
-    "clipvalue": _any,
-    "global_clipnorm": _any,
-    "use_ema": _any,
-    "ema_momentum": _any,
-    "ema_overwrite_frequency": _any,
-    "loss_scale_factor": _any,
-    "gradient_accumulation_steps": _any,
-    "exclude_from_weight_decay": _any,
-    "weight_decay_mask": _any,
-    "mu_dtype": _moment_dtype,
-    "nu_dtype": _moment_dtype,
-    "param_rounding": _any,
-    "seed": _any,
-    "acc_dtype": _acc_dtype,
-    "flat_state": _any,
-    "quantize_moments": _any,
-    "quantize_block_size": _any,
-    "quantize_min_size": _any,
-    "quantize_mask": _any,
-    "name": _any,
+# What each decision of the spec's table means here; "fallback" fields are left out of SUPPORTED.
+DECISIONS: dict[FusedSupport, OptionCheck | None] = {
+    "any": _any,
+    "moment_dtype": _moment_dtype,  # type: ignore[dict-item]
+    "acc_dtype": _acc_dtype,  # type: ignore[dict-item]
+    "fallback": None,
 }
+
+
+def supported_options(table: dict[str, FusedSupport]) -> dict[str, OptionCheck]:
+    """The check of every field the kernel implements, from each field's decision."""
+    out: dict[str, OptionCheck] = {}
+    for name, decision in table.items():
+        check = DECISIONS[decision]
+        if check is not None:
+            out[name] = check
+    return out
+
+
+# Every spec option the kernel implements: a check of its value (``None``: supported).
+SUPPORTED: dict[str, OptionCheck] = supported_options({k: o.fused for k, o in options_table().items()})
 
 
 def unsupported_option(spec: AdamSpec) -> str | None:
@@ -91,27 +90,46 @@ def unsupported_option(spec: AdamSpec) -> str | None:
     return None
 
 
-class Plan(NamedTuple):
-    """What the kernel gets: the leaves, the state (per-leaf lists, or single flat buffers)."""
+class TreePlan(NamedTuple):
+    """What the kernel gets for tree state: per-leaf lists (grads, params and each state field)."""
 
     spec: AdamSpec
-    grads: list[Any]
-    params: list[Any]
-    treedef: Any
-    mu: Any  # tree state: list per leaf; flat state: one 1-D buffer
-    nu: Any
-    nu_max: Any  # None when off
-    acc: Any
-    ema: Any
-    offsets: np.ndarray | None  # flat state: each leaf's offset in the buffers; tree state: None
-    quantized: list[bool] | None = None  # tree state: which leaves hold 8-bit mu/nu/nu_max (QuantizedArray)
-    comp: Any = None  # param_rounding="kahan": the compensation (like mu); else None
+    grads: list[jax.Array]
+    params: list[ArrayLike]
+    treedef: jax.tree_util.PyTreeDef
+    mu: list[LeafMoment]
+    nu: list[LeafMoment]
+    nu_max: list[LeafMoment] | None  # None when off (also acc, ema, comp)
+    acc: list[jax.Array] | None
+    ema: list[jax.Array] | None
+    comp: list[jax.Array] | None  # param_rounding="kahan": the compensation
+    quantized: list[bool]  # which leaves hold 8-bit mu/nu/nu_max (QuantizedArray)
     # flat state with 8-bit leaves: the kernel runs on per-leaf views; this packs the new
     # (tree) state back into flat buffers. None otherwise.
-    repack: Callable[[Any], Any] | None = None
+    repack: Callable[[AnyAdamState], AnyAdamState] | None = None
 
 
-def is_sharded(x: Any) -> bool:
+class FlatPlan(NamedTuple):
+    """What the kernel gets for ``flat_state=True``: per-leaf grads and params, one 1-D buffer per field."""
+
+    spec: AdamSpec
+    grads: list[jax.Array]
+    params: list[ArrayLike]
+    treedef: jax.tree_util.PyTreeDef
+    mu: jax.Array
+    nu: jax.Array
+    nu_max: jax.Array | None  # None when off (also acc, ema, comp)
+    acc: jax.Array | None
+    ema: jax.Array | None
+    comp: jax.Array | None
+    offsets: np.ndarray  # each leaf's offset in the buffers
+
+
+Plan: TypeAlias = "TreePlan | FlatPlan"
+Planned: TypeAlias = "tuple[str | None, Plan | None]"
+
+
+def is_sharded(x: ArrayLike) -> bool:
     """True when ``x`` may be split over devices: the kernel sees one device's buffers.
 
     Concrete arrays: on more than one device. While tracing: the abstract mesh of the
@@ -135,14 +153,14 @@ def is_sharded(x: Any) -> bool:
     return any(size > 1 and "manual" not in str(t).lower() for size, t in zip(sizes.values(), types))
 
 
-def _leaf_dtype_problem(g: Any, p: Any) -> str | None:
+def _leaf_dtype_problem(g: jax.Array, p: ArrayLike) -> str | None:
     pd, gd = jnp.dtype(jnp.result_type(p)), jnp.dtype(g.dtype)
     if pd not in PARAM_DTYPES or gd not in (pd, jnp.dtype(jnp.float32)):
         return f"unsupported dtypes (params {pd}, grads {gd})"
     return None
 
 
-def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan | None]:
+def plan(tx: object, grads: PyTree, state: PyTree, params: PyTree) -> Planned:
     """``(None, plan)`` when the fused kernel applies, else ``(reason, None)``."""
     spec = getattr(tx, "spec", None)
     if not isinstance(spec, AdamSpec) or not isinstance(state, (AdamState, KahanAdamState)):
@@ -177,8 +195,13 @@ def plan(tx: Any, grads: Any, state: Any, params: Any) -> tuple[str | None, Plan
 
 
 def _plan_flat_8bit(
-    spec: AdamSpec, state: AnyAdamState, g_l: list, p_l: list, treedef: Any, params: Any
-) -> tuple[str | None, Plan | None]:
+    spec: AdamSpec,
+    state: AnyAdamState,
+    g_l: list[jax.Array],
+    p_l: list[ArrayLike],
+    treedef: jax.tree_util.PyTreeDef,
+    params: PyTree,
+) -> Planned:
     """Flat state with 8-bit leaves: the tree plan on per-leaf views of the flat buffers (slices
     in, the new state packed back: copies the tree layout does not make), then repacked."""
     as_tree, repack = _state.tree_views(spec, state, params)
@@ -189,8 +212,8 @@ def _plan_flat_8bit(
 
 
 def _plan_tree(
-    spec: AdamSpec, state: AnyAdamState, g_l: list, p_l: list, treedef: Any
-) -> tuple[str | None, Plan | None]:
+    spec: AdamSpec, state: AnyAdamState, g_l: list[jax.Array], p_l: list[ArrayLike], treedef: jax.tree_util.PyTreeDef
+) -> tuple[str | None, TreePlan | None]:
     flat = treedef.flatten_up_to
     try:
         mu_l, nu_l = flat(state.mu), flat(state.nu)
@@ -234,7 +257,7 @@ def _plan_tree(
                 return "optimizer state dtypes or shapes are not the expected ones", None
         if any(is_sharded(x) for x in (p, g, m, v)):
             return "arrays are sharded over several devices", None
-    return None, Plan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, None, quantized, comp_l)
+    return None, TreePlan(spec, g_l, p_l, treedef, mu_l, nu_l, nm_l, acc_l, ema_l, comp_l, quantized)
 
 
 def _as_layouts(spec: AdamSpec, xs: list, p_l: list) -> list:
@@ -245,7 +268,9 @@ def _as_layouts(spec: AdamSpec, xs: list, p_l: list) -> list:
     ]
 
 
-def _quantized_leaf_problem(spec: AdamSpec, g: Any, p: Any, m: Any, v: Any, vm: Any) -> str | None:
+def _quantized_leaf_problem(
+    spec: AdamSpec, g: jax.Array, p: ArrayLike, m: LeafMoment, v: LeafMoment, vm: LeafMoment | None
+) -> str | None:
     """Why the kernel cannot take a leaf with 8-bit moments (codes u8 like p, scales f32 of
     :func:`adamx._quantize.scale_shape`), or ``None``."""
     shape = tuple(jnp.shape(p))
@@ -266,13 +291,13 @@ def _quantized_leaf_problem(spec: AdamSpec, g: Any, p: Any, m: Any, v: Any, vm: 
 
 
 def _plan_flat(
-    spec: AdamSpec, state: AnyAdamState, g_l: list, p_l: list, treedef: Any
-) -> tuple[str | None, Plan | None]:
+    spec: AdamSpec, state: AnyAdamState, g_l: list[jax.Array], p_l: list[ArrayLike], treedef: jax.tree_util.PyTreeDef
+) -> Planned:
     """The plan for ``flat_state=True``: each state field one 1-D buffer, leaves at offsets."""
     f32 = jnp.dtype(jnp.float32)
     sizes = [int(np.prod(jnp.shape(p), dtype=np.int64)) for p in p_l]
     total = int(sum(sizes))
-    fields: dict[str, Any] = {}
+    fields: dict[str, jax.Array | None] = {}
     for name in ("mu", "nu", "nu_max", "acc", "ema", "comp"):
         field = getattr(state, name, None)
         if field is None:
@@ -285,6 +310,8 @@ def _plan_flat(
             return "flat optimizer state does not match params", None
         fields[name] = buf
     mu, nu = fields["mu"], fields["nu"]
+    if mu is None or nu is None:
+        return "optimizer state does not match the optimizer's options", None
     if jnp.dtype(mu.dtype) not in MOMENT_DTYPES or jnp.dtype(nu.dtype) not in MOMENT_DTYPES:
         return f"unsupported moment dtypes ({mu.dtype}, {nu.dtype})", None
     if fields["nu_max"] is not None and fields["nu_max"].dtype != nu.dtype:
@@ -292,7 +319,8 @@ def _plan_flat(
     pds = {jnp.dtype(jnp.result_type(p)) for p in p_l}
     want = {"ema": {f32}, "acc": {spec.state_dtype("acc", d) for d in pds}, "comp": pds}
     for name in ("acc", "ema", "comp"):
-        if fields[name] is not None and {jnp.dtype(fields[name].dtype)} != want[name]:
+        extra = fields[name]
+        if extra is not None and {jnp.dtype(extra.dtype)} != want[name]:
             return "optimizer state dtypes or shapes are not the expected ones", None
     for g, p in zip(g_l, p_l):
         reason = _leaf_dtype_problem(g, p)
@@ -302,8 +330,6 @@ def _plan_flat(
             return "arrays are sharded over several devices", None
     if any(is_sharded(b) for b in fields.values() if b is not None):
         return "arrays are sharded over several devices", None
-    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]]).astype(np.int64) if sizes else None
-    plan = Plan(
-        spec, g_l, p_l, treedef, mu, nu, fields["nu_max"], fields["acc"], fields["ema"], offsets, comp=fields["comp"]
-    )
-    return None, plan
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]]).astype(np.int64)
+    nm, acc, ema, comp = fields["nu_max"], fields["acc"], fields["ema"], fields["comp"]
+    return None, FlatPlan(spec, g_l, p_l, treedef, mu, nu, nm, acc, ema, comp, offsets)
