@@ -390,33 +390,92 @@ def scale_shape(shape: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, 
     return (num_blocks(math.prod(shape), bs),)
 
 
+def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``x.reshape(shape)``; on an Explicit mesh where a sharded axis would be cut into blocks that
+    its shards do not hold whole, the axes from the first reshaped one on are gathered first (the
+    leading axes keep their sharding): correct, with a collective that whole blocks per shard avoid."""
+    try:
+        return x.reshape(shape)
+    except Exception as e:  # jax's ShardingTypeError (not public)
+        if type(e).__name__ != "ShardingTypeError":
+            raise
+    keep = 0
+    while keep < min(len(shape), x.ndim) and shape[keep] == x.shape[keep]:
+        keep += 1
+    spec = tuple(jax.typeof(x).sharding.spec)[:keep]
+    return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(*spec, *([None] * (len(shape) - keep))))
+
+
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     """``x`` as ``scale_shape + (block_size,)`` (whole blocks: a reshape of its last axes; else ravel and pad)."""
     ss = scale_shape(x.shape, block_size)
     n = x.size
     if math.prod(ss) * block_size == n:
-        return x.reshape(ss + (block_size,))
-    return jnp.pad(jnp.ravel(x), (0, math.prod(ss) * block_size - n)).reshape(ss + (block_size,))
+        return _reshape(x, ss + (block_size,))
+    return jnp.pad(_reshape(x, (n,)), (0, math.prod(ss) * block_size - n)).reshape(ss + (block_size,))
 
 
 def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     n = math.prod(shape)
     if b.size == n:
-        return b.reshape(shape)
-    return b.reshape(-1)[:n].reshape(shape)
+        return _reshape(b, shape)
+    return _reshape(_reshape(b, (b.size,))[:n], shape)
 
 
-def block_absmax(blocks: jax.Array) -> jax.Array:
-    """Each block's largest magnitude (last axis), ``NaN`` if the block holds a NaN, subnormals as 0.
+def _last_axis_blocks(shape: tuple[int, ...], block_size: int) -> bool:
+    """Whether the blocks lie along the last axis (it holds whole blocks): then no reshape is needed."""
+    return len(shape) >= 1 and shape[-1] % block_size == 0 and shape[-1] > 0
+
+
+def _block_max(bits: jax.Array, block_size: int) -> jax.Array:
+    """The max of each block of non-negative int32 ``bits`` (shaped like the leaf), in :func:`scale_shape`.
+
+    Blocks along the last axis: on TPU a strided window max over the leaf as it is (a reshape of the
+    minor axis into blocks costs a relayout copy there), elsewhere a reshape and a reduce (XLA:CPU's
+    fastest); the same integers either way.
+    """
+    shape = tuple(bits.shape)
+    if not _last_axis_blocks(shape, block_size):
+        return jnp.max(_blocks(bits, block_size), axis=-1)
+    window = (1,) * (len(shape) - 1) + (block_size,)
+
+    def windowed(b: jax.Array) -> jax.Array:
+        return jax.lax.reduce_window(b, np.int32(0), jax.lax.max, window, window, "VALID")
+
+    def reshaped(b: jax.Array) -> jax.Array:
+        return jnp.max(_blocks(b, block_size), axis=-1)
+
+    try:  # both branches are traced; a window over shards that hold no whole blocks is refused
+        return jax.lax.platform_dependent(bits, tpu=windowed, default=reshaped)
+    except Exception as e:  # jax's ShardingTypeError (not public)
+        if type(e).__name__ != "ShardingTypeError":
+            raise
+        return reshaped(bits)
+
+
+def _spread(per_block: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+    """A value per block (:func:`scale_shape`) repeated onto the elements of a leaf of ``shape``."""
+    full = jnp.broadcast_to(per_block[..., None], tuple(per_block.shape) + (block_size,))
+    return _unblocks(full, shape)  # a broadcast and a reshape: no gather (jnp.repeat would gather)
+
+
+def _abs_bits(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & jnp.int32(0x7FFFFFFF)
+    return jnp.where(bits < jnp.int32(0x00800000), jnp.int32(0), bits)  # |x| < FLT_MIN counts as 0
+
+
+def _scale_of(top: jax.Array) -> jax.Array:
+    return jnp.where(top > jnp.int32(0x7F800000), jnp.float32(jnp.nan), jax.lax.bitcast_convert_type(top, jnp.float32))
+
+
+def block_absmax(x: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
+    """Each block's largest magnitude (:func:`scale_shape`), ``NaN`` if the block holds a NaN, subnormals as 0.
 
     One integer max over the float32 bit patterns with the sign bit cleared: for non-negative floats
     the integer order is the float order, and every NaN pattern is above ``inf``'s, so one reduce
     both finds the maximum and propagates NaN (a float max does not reliably on XLA:CPU).
     """
-    bits = jax.lax.bitcast_convert_type(blocks.astype(jnp.float32), jnp.int32) & jnp.int32(0x7FFFFFFF)
-    bits = jnp.where(bits < jnp.int32(0x00800000), jnp.int32(0), bits)  # |x| < FLT_MIN counts as 0
-    top = jnp.max(bits, axis=-1)
-    return jnp.where(top > jnp.int32(0x7F800000), jnp.float32(jnp.nan), jax.lax.bitcast_convert_type(top, jnp.float32))
+    return _scale_of(_block_max(_abs_bits(x), block_size))
 
 
 def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
@@ -435,20 +494,32 @@ def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> Quantiz
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
-    blocks = _blocks(x.astype(jnp.float32), bs)
-    blocks = jnp.where(jnp.abs(blocks) < FLT_MIN, jnp.float32(0), blocks)  # subnormal inputs count as 0
-    scales = block_absmax(blocks)
+    xf = x.astype(jnp.float32)
+    xf = jnp.where(jnp.abs(xf) < FLT_MIN, jnp.float32(0), xf)  # subnormal inputs count as 0
+    scales = block_absmax(xf, bs)
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
-    y = blocks * (jnp.float32(1) / divisor)[..., None]
+    y = xf * _spread(jnp.float32(1) / divisor, tuple(x.shape), bs)
     signed = _dynamic_kind(c)
     if signed is not None:
         idx = dynamic_encode(y, signed)
     else:
         idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
         idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
-    return QuantizedArray(_unblocks(idx.astype(jnp.uint8), x.shape), scales)
+    return QuantizedArray(_like(idx.astype(jnp.uint8), x), scales)
+
+
+def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
+    """``codes`` with ``x``'s sharding on an Explicit mesh (blocks that straddle shards were gathered)."""
+    want = jax.typeof(x).sharding
+    if getattr(want, "mesh", None) is None or not any(
+        t == jax.sharding.AxisType.Explicit for t in getattr(want.mesh, "axis_types", ())
+    ):
+        return codes
+    if tuple(jax.typeof(codes).sharding.spec) == tuple(want.spec):
+        return codes
+    return jax.sharding.reshard(codes, want.spec)
 
 
 def dequantize(
@@ -466,9 +537,9 @@ def dequantize(
     codes, scales = as_layout(q, shape, bs)
     signed = _dynamic_kind(c)
     values = dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
-    values = _blocks(values, bs) * scales.astype(jnp.float32)[..., None]
+    values = values * _spread(scales.astype(jnp.float32), shape, bs)
     values = jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values)
-    return _unblocks(values, shape).astype(dtype)
+    return values.astype(dtype)
 
 
 def as_layout(q: QuantizedArray, shape: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
@@ -514,6 +585,9 @@ def quantized_zeros(shape_or_leaf: Any, code: Any, block_size: int = DEFAULT_BLO
     """
     bs = _check_block_size(block_size)
     shape = _shape_of(shape_or_leaf)
+    if isinstance(shape_or_leaf, jax.Array):  # an array or tracer: the state takes its sharding
+        codes = jnp.full_like(shape_or_leaf, zero_code(code), dtype=jnp.uint8)
+        return QuantizedArray(codes, jnp.zeros_like(block_absmax(jnp.zeros_like(codes, jnp.float32), bs)))
     return QuantizedArray(jnp.full(shape, zero_code(code), jnp.uint8), jnp.zeros(scale_shape(shape, bs), jnp.float32))
 
 
