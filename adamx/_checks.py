@@ -19,6 +19,7 @@ import numpy as np
 from adamx import _flat, _quantize, _tree
 from adamx._spec import STATE_FIELDS, AdamSpec
 from adamx._state import QUANTIZED_FIELDS, AdamState, AnyAdamState, KahanAdamState, layout
+from adamx._types import Leaf
 
 # The option that switches each optional state field on.
 _OPTION_OF = {
@@ -34,7 +35,7 @@ def _option_text(spec: AdamSpec, field: str) -> str:
     return "" if opt is None else f" ({opt}={getattr(spec, opt)!r})"
 
 
-def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any] | None:
+def _shape_dtype(x: Leaf) -> tuple[tuple[int, ...], Leaf] | None:
     """``(shape, dtype)`` of an array-like leaf (also of containers such as nnx variables)."""
     if hasattr(x, "get_value"):
         x = x[...]
@@ -46,12 +47,12 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any] | None:
     return tuple(shape), jnp.dtype(dtype)
 
 
-def is_trainable(dtype: Any) -> bool:
+def is_trainable(dtype: Leaf) -> bool:
     """Floating or complex leaves are trained; integer and bool leaves are left alone."""
     return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.inexact))
 
 
-def check_params(spec: AdamSpec, params: Any) -> None:
+def check_params(spec: AdamSpec, params: Leaf) -> None:
     """Refuse params leaves the options cannot handle, naming the leaf path.
 
     Complex leaves follow optax's convention (complex first moment, real second moment of
@@ -75,7 +76,7 @@ def check_params(spec: AdamSpec, params: Any) -> None:
                 raise ValueError(f"{where}: `clipvalue` clips real values; use clipnorm or global_clipnorm.")
 
 
-def check_state(spec: AdamSpec, state: Any, params: Any, grads: Any = None) -> None:
+def check_state(spec: AdamSpec, state: Leaf, params: Leaf, grads: Leaf = None) -> None:
     """Raise ``ValueError`` naming the state field unless ``state`` is this spec's state for ``params``.
 
     Checks the state's type, which fields are set (``spec.fields_on``), tree vs flat
@@ -126,7 +127,7 @@ def check_state(spec: AdamSpec, state: Any, params: Any, grads: Any = None) -> N
     check_quantized(spec, state, ref, params)
 
 
-def grad_dtype_error(path: str, grad_dtype: Any, param_dtype: Any) -> str:
+def grad_dtype_error(path: str, grad_dtype: Leaf, param_dtype: Leaf) -> str:
     """The message refusing an integer, bool or ``float0`` gradient for a float params leaf."""
     return (
         f"grads at '{path}' is {jnp.dtype(grad_dtype).name} for a {jnp.dtype(param_dtype).name} params leaf: a "
@@ -134,7 +135,7 @@ def grad_dtype_error(path: str, grad_dtype: Any, param_dtype: Any) -> str:
     )
 
 
-def check_grad_dtypes(grads: Any, params: Any) -> None:
+def check_grad_dtypes(grads: Leaf, params: Leaf) -> None:
     """Refuse a non-float gradient for a float params leaf, naming the path. Integer and bool
     params take any gradient (they are left alone); structure mismatches are reported later,
     by the step, with the first differing path."""
@@ -152,7 +153,7 @@ def check_grad_dtypes(grads: Any, params: Any) -> None:
         raise ValueError(grad_dtype_error(paths[i], gsd[1], psd[1]))
 
 
-def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Any, have_params: bool) -> None:
+def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Leaf, have_params: bool) -> None:
     treedef: Any = jax.tree_util.tree_structure(ref)
     paths = None
     ref_l = treedef.flatten_up_to(ref)
@@ -185,7 +186,7 @@ def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Any, have_params: bool
                     )
 
 
-def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Any, params: Any) -> None:
+def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Leaf, params: Leaf) -> None:
     """Tree state: each moment leaf is 8-bit (a :class:`adamx.QuantizedArray`) exactly where this
     optimizer quantizes (``quantize_moments``, ``quantize_min_size``, ``quantize_mask``), with the
     codes and scales its ``quantize_block_size`` gives; a ``ValueError`` naming field, path and
@@ -210,7 +211,7 @@ def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Any, params: Any) 
                 _check_blocks(spec, f, path, x, p)
 
 
-def _check_blocks(spec: AdamSpec, field: str, path: str, x: Any, p: Any) -> None:
+def _check_blocks(spec: AdamSpec, field: str, path: str, x: Leaf, p: Leaf) -> None:
     """Codes shaped like ``p`` and scales of :func:`adamx._quantize.scale_shape`, or the first 8-bit
     layout of the same blocks (1-D codes and scales), which the step converts."""
     shape = tuple(int(d) for d in jnp.shape(p))
@@ -227,7 +228,7 @@ def _check_blocks(spec: AdamSpec, field: str, path: str, x: Any, p: Any) -> None
         )
 
 
-def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Any], quantized: list[bool]) -> None:
+def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Leaf], quantized: list[bool]) -> None:
     for f in spec.fields_on:
         lay = layout(spec, f, leaves, quantized)
         bufs = _flat.buffers_of(getattr(state, f))
@@ -240,5 +241,5 @@ def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Any], quantize
             )
 
 
-def _name(dtype: Any) -> str:
+def _name(dtype: Leaf) -> str:
     return "None" if dtype is None else np.dtype(dtype).name

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from adamx import _quantize
+from adamx._types import Leaf
 
 
 class FlatBuffers(NamedTuple):
@@ -42,7 +43,7 @@ class Slot(NamedTuple):
 
 
 class Layout(NamedTuple):
-    dtypes: tuple[Any, ...]  # one per group, in order of first appearance
+    dtypes: tuple[Leaf, ...]  # one per group, in order of first appearance
     totals: tuple[int, ...]  # elements per group
     slots: tuple[Slot, ...]  # one per leaf
     block_size: int = 0  # 8-bit leaves: the quantization block size (0: none)
@@ -54,13 +55,13 @@ class Layout(NamedTuple):
         return self.totals + ((self.n_blocks,) if self.n_blocks else ())
 
     @property
-    def buffer_dtypes(self) -> tuple[Any, ...]:
+    def buffer_dtypes(self) -> tuple[Leaf, ...]:
         return self.dtypes + ((jnp.dtype(jnp.float32),) if self.n_blocks else ())
 
 
 def layout(
-    leaves: Sequence[Any],
-    dtype_of: Callable[[Any], Any],
+    leaves: Sequence[Leaf],
+    dtype_of: Callable[[Leaf], Leaf],
     quantized: Sequence[bool] | None = None,
     block_size: int = 0,
 ) -> Layout:
@@ -69,7 +70,7 @@ def layout(
     ``quantized[i]``: leaf ``i`` is 8-bit (codes in the ``uint8`` group, ``ceil(size /
     block_size)`` scales in the scales buffer).
     """
-    dtypes: list[Any] = []
+    dtypes: list[Leaf] = []
     totals: list[int] = []
     slots = []
     n_blocks = 0
@@ -89,13 +90,13 @@ def layout(
     return Layout(tuple(dtypes), tuple(totals), tuple(slots), block_size if n_blocks else 0, n_blocks)
 
 
-def pack(leaves: Sequence[Any], lay: Layout, *, fresh: bool = False) -> FlatBuffers:
+def pack(leaves: Sequence[Leaf], lay: Layout, *, fresh: bool = False) -> FlatBuffers:
     """The leaves (of the layout's shapes) as flat buffers in the layout's dtypes.
 
     An 8-bit slot takes a :class:`adamx.QuantizedArray` (codes to its group, scales to the
     scales buffer). A buffer of one leaf may share the leaf's array; ``fresh=True`` copies it then.
     """
-    parts: list[list[Any]] = [[] for _ in lay.sizes]
+    parts: list[list[Leaf]] = [[] for _ in lay.sizes]
     for x, s in zip(leaves, lay.slots):
         if s.block >= 0:
             if not isinstance(x, _quantize.QuantizedArray):
@@ -105,7 +106,7 @@ def pack(leaves: Sequence[Any], lay: Layout, *, fresh: bool = False) -> FlatBuff
         else:
             parts[s.group].append(jnp.ravel(jnp.asarray(x)).astype(lay.dtypes[s.group]))
 
-    def join(p: list[Any]) -> Any:
+    def join(p: list[Leaf]) -> Leaf:
         if len(p) > 1:
             return jnp.concatenate(p)
         return jnp.array(p[0], copy=True) if fresh else p[0]
@@ -119,7 +120,7 @@ def zeros(lay: Layout) -> FlatBuffers:
     return FlatBuffers(tuple(jnp.zeros((n,), dt) for n, dt in zip(lay.totals, lay.dtypes)))
 
 
-def checked_buffers(flat: FlatBuffers, lay: Layout, name: str | None = None) -> tuple[Any, ...]:
+def checked_buffers(flat: FlatBuffers, lay: Layout, name: str | None = None) -> tuple[Leaf, ...]:
     """The arrays of ``flat``; a ``ValueError`` (naming the state field ``name``) unless they fit ``lay``."""
     bufs = buffers_of(flat)
     if len(bufs) != len(lay.sizes) or any(int(b.shape[0]) != n for b, n in zip(bufs, lay.sizes)):
@@ -131,15 +132,15 @@ def checked_buffers(flat: FlatBuffers, lay: Layout, name: str | None = None) -> 
     return bufs
 
 
-def view(bufs: Sequence[Any], s: Slot) -> jax.Array:
+def view(bufs: Sequence[Leaf], s: Slot) -> jax.Array:
     """One leaf of a flat state: its slice of its group's buffer, in its shape."""
     return jax.lax.slice(bufs[s.group], (s.offset,), (s.offset + s.size,)).reshape(s.shape)
 
 
-def unpack(flat: FlatBuffers, lay: Layout) -> list[Any]:
+def unpack(flat: FlatBuffers, lay: Layout) -> list[Leaf]:
     """The leaves, as slices of the flat buffers (an 8-bit leaf as a :class:`adamx.QuantizedArray`)."""
     bufs = checked_buffers(flat, lay)
-    out: list[Any] = []
+    out: list[Leaf] = []
     for s in lay.slots:
         if s.block >= 0:
             nb = _quantize.num_blocks(s.size, lay.block_size)
@@ -151,6 +152,6 @@ def unpack(flat: FlatBuffers, lay: Layout) -> list[Any]:
     return out
 
 
-def buffers_of(flat: Any) -> tuple[Any, ...]:
+def buffers_of(flat: Leaf) -> tuple[Leaf, ...]:
     """The arrays of a :class:`FlatBuffers` (unwrapping containers such as nnx variables)."""
     return tuple(jnp.asarray(b[...] if hasattr(b, "get_value") else b) for b in flat.buffers)

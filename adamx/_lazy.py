@@ -41,6 +41,7 @@ import optax
 from jax.experimental import sparse as jsparse
 
 from adamx import _checks, _clipping, _hyper, _moments, _tree
+from adamx._types import Leaf
 
 EpsilonMode = Literal["hat", "paper"]
 
@@ -63,7 +64,7 @@ class _Update:
     def __init__(self, spec: LazyAdamSpec) -> None:
         self.spec = spec
 
-    def __call__(self, grads: Any, state: LazyAdamState, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+    def __call__(self, grads: Leaf, state: LazyAdamState, params: Leaf = None, **extra: Leaf) -> tuple[Leaf, Leaf]:
         del extra
         return step(self.spec, grads, state, params, apply=False)
 
@@ -74,16 +75,16 @@ class LazyAdam(optax.GradientTransformationExtraArgs):
     @property
     def spec(self) -> LazyAdamSpec:
         """The options this optimizer was built with."""
-        update: Any = self.update
+        update: Leaf = self.update
         spec: LazyAdamSpec = update.spec
         return spec
 
     @property
-    def hyperparams(self) -> dict[str, Any]:
+    def hyperparams(self) -> dict[str, Leaf]:
         """The arguments :func:`lazy_adam` was called with (a copy)."""
         return self.spec.hyperparams
 
-    def apply_gradients(self, grads: optax.Updates, state: LazyAdamState, params: optax.Params) -> tuple[Any, Any]:
+    def apply_gradients(self, grads: optax.Updates, state: LazyAdamState, params: optax.Params) -> tuple[Leaf, Leaf]:
         """``(new_params, new_state)``: the same numbers as ``update`` + ``optax.apply_updates``.
 
         Table leaves are written with a scatter of the touched rows only. Under
@@ -99,7 +100,7 @@ class LazyAdam(optax.GradientTransformationExtraArgs):
         return step(self.spec, grads, state, params, apply=True)
 
 
-def row_gradient(indices: Any, row_grads: Any, num_rows: int) -> jsparse.BCOO:
+def row_gradient(indices: Leaf, row_grads: Leaf, num_rows: int) -> jsparse.BCOO:
     """The row gradient of a table with ``num_rows`` rows, as a ``BCOO``.
 
     ``indices``: integer array of the rows used (any shape, e.g. ``(batch, seq)``;
@@ -168,7 +169,7 @@ class LazyAdamSpec:
             _hyper.check_scalar(k, getattr(self, k), lo=0.0, lo_open=True)
 
     @property
-    def hyperparams(self) -> dict[str, Any]:
+    def hyperparams(self) -> dict[str, Leaf]:
         """The options as a dict keyed by argument name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -193,7 +194,7 @@ class _Rows(NamedTuple):
     g: jax.Array
 
 
-def _dedup(g: jsparse.BCOO, cd: Any) -> _Rows:
+def _dedup(g: jsparse.BCOO, cd: Leaf) -> _Rows:
     """Sum duplicate rows of a row-gradient ``BCOO``: static size ``nnz`` (its number of entries).
 
     Rows are read as ``BCOO.todense()`` reads them: a negative index in
@@ -375,8 +376,8 @@ def scalars(spec: LazyAdamSpec, n: jax.Array) -> _Scalars:
 
 
 def leaf_update(
-    spec: LazyAdamSpec, g: Any, m: Any, v: Any, p: Any, sc: _Scalars, *, rows: bool
-) -> tuple[Any, Any, Any]:
+    spec: LazyAdamSpec, g: Leaf, m: Leaf, v: Leaf, p: Leaf, sc: _Scalars, *, rows: bool
+) -> tuple[Leaf, Leaf, Leaf]:
     """``(update in p's dtype, m, v)`` for gathered rows (``rows=True``) or a whole dense leaf.
 
     Adam's arithmetic is :func:`adamx._moments.adam_leaf`'s (the rows always take the
@@ -395,14 +396,14 @@ class _Prepared(NamedTuple):
     """Each leaf's gradient in the compute dtype (``None``: no gradient or left alone) and,
     for a table leaf, its touched rows (``None`` for a dense leaf)."""
 
-    g: list[Any]
+    g: list[Leaf]
     rows: list[jax.Array | None]
 
 
-def _prepare(paths: list[str], g_l: list[Any], p_l: list[Any]) -> _Prepared:
+def _prepare(paths: list[str], g_l: list[Leaf], p_l: list[Leaf]) -> _Prepared:
     """De-duplicate row gradients and check every gradient against its leaf, naming the path."""
     rows: list[jax.Array | None] = []
-    gs: list[Any] = []
+    gs: list[Leaf] = []
     for path, g, p in zip(paths, g_l, p_l):
         cd = _tree.compute_dtype(jnp.result_type(p))
         if g is None or not _trainable(p):
@@ -429,8 +430,8 @@ def _prepare(paths: list[str], g_l: list[Any], p_l: list[Any]) -> _Prepared:
 
 
 def step(
-    spec: LazyAdamSpec, grads: Any, state: LazyAdamState, params: Any, *, apply: bool
-) -> tuple[Any, LazyAdamState]:
+    spec: LazyAdamSpec, grads: Leaf, state: LazyAdamState, params: Leaf, *, apply: bool
+) -> tuple[Leaf, LazyAdamState]:
     """One step, shared by ``update`` (``apply=False``: returns updates) and ``apply_gradients``
     (``apply=True``: returns the new params, rows scattered in place)."""
     if params is None:
@@ -473,17 +474,17 @@ def step(
     return unflat(out_l), LazyAdamState(count=optax.safe_increment(n), mu=unflat(mu_n), nu=unflat(nu_n))
 
 
-def _no_update(p: Any) -> Any:
+def _no_update(p: Leaf) -> Leaf:
     """The update of a leaf without a gradient or left alone (integer/bool): zeros of its dtype,
     so ``optax.apply_updates`` takes it (as :func:`adamx.adam`)."""
     return jnp.zeros(jnp.shape(p), jnp.result_type(p))
 
 
-def _trainable(p: Any) -> bool:
+def _trainable(p: Leaf) -> bool:
     return bool(jnp.issubdtype(jnp.result_type(p), jnp.inexact))
 
 
-def _check_params(params: Any) -> None:
+def _check_params(params: Leaf) -> None:
     for path, p in zip(_tree.leaf_paths(params), jax.tree_util.tree_leaves(params)):
         if jnp.issubdtype(jnp.result_type(p), jnp.complexfloating):
             raise ValueError(
@@ -492,7 +493,7 @@ def _check_params(params: Any) -> None:
             )
 
 
-def _check_frozen_grad(path: str, g: Any, p: Any) -> None:
+def _check_frozen_grad(path: str, g: Leaf, p: Leaf) -> None:
     """An integer/bool leaf is left alone: its gradient may be ``None``, ``float0``, integer or bool."""
     if g is None or _trainable(p) or not hasattr(g, "dtype"):
         return
@@ -503,14 +504,14 @@ def _check_frozen_grad(path: str, g: Any, p: Any) -> None:
         )
 
 
-def _check_grad_dtype(path: str, gdt: Any, p: Any) -> None:
+def _check_grad_dtype(path: str, gdt: Leaf, p: Leaf) -> None:
     if not jnp.issubdtype(gdt, jnp.inexact):
         raise ValueError(_checks.grad_dtype_error(path, gdt, jnp.result_type(p)))
     if jnp.issubdtype(gdt, jnp.complexfloating):
         raise ValueError(f"grads at '{path}' is {gdt.name}: a real params leaf needs a real gradient.")
 
 
-def check_state(state: Any, params: Any) -> None:
+def check_state(state: Leaf, params: Leaf) -> None:
     """Refuse a state that is not a :class:`LazyAdamState` for ``params``, naming the field and path."""
     if not isinstance(state, LazyAdamState):
         raise ValueError(
@@ -543,7 +544,7 @@ def check_state(state: Any, params: Any) -> None:
                 )
 
 
-def _check_row_grad(path: str, g: jsparse.BCOO, p: Any) -> None:
+def _check_row_grad(path: str, g: jsparse.BCOO, p: Leaf) -> None:
     """A table leaf's ``BCOO`` must be a row gradient with the table's shape and integer rows."""
     if tuple(g.shape) != tuple(jnp.shape(p)):
         raise ValueError(

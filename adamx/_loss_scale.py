@@ -6,7 +6,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +15,13 @@ import optax
 
 from adamx import fused
 from adamx._adam import Adam
+from adamx._types import Leaf
 
 AxisName = Hashable | Sequence[Hashable]
 
 # Keras's LossScaleOptimizer.__init__ accepts these base-optimizer keys in a config only at
 # their defaults (backwards compatibility with configs of older Keras versions).
-_KERAS_BASE_DEFAULTS: dict[str, Any] = {
+_KERAS_BASE_DEFAULTS: dict[str, Leaf] = {
     "weight_decay": None,
     "clipnorm": None,
     "global_clipnorm": None,
@@ -48,12 +49,12 @@ class LossScaleState(NamedTuple):
 class LossScaleSpec:
     """The options of a :func:`loss_scale_optimizer` (validated when built)."""
 
-    inner: Any
+    inner: Leaf
     initial_scale: float = 2.0**15
     dynamic_growth_steps: int = 2000
     min_scale: float | None = None
     max_scale: float | None = None
-    axis_name: Any = None
+    axis_name: Leaf = None
     name: str = "loss_scale_optimizer"
 
 
@@ -66,11 +67,11 @@ class _Update:
         self.spec = spec
 
     def __call__(
-        self, grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Any
+        self, grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Leaf
     ) -> tuple[optax.Updates, LossScaleState]:
         inner_tx = optax.with_extra_args_support(self.spec.inner)
 
-        def inner_step(unscaled: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+        def inner_step(unscaled: Leaf, inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
             return inner_tx.update(unscaled, inner_state, params, **extra)
 
         return _scaled_step(self.spec, grads, state, params, inner_step, keep_params=False)
@@ -82,16 +83,16 @@ class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
     @property
     def spec(self) -> LossScaleSpec:
         """The options this loss scaler was built with."""
-        update: Any = self.update
+        update: Leaf = self.update
         spec: LossScaleSpec = update.spec
         return spec
 
     @property
-    def hyperparams(self) -> dict[str, Any]:
+    def hyperparams(self) -> dict[str, Leaf]:
         """The options as a dict keyed by argument name (``inner`` is the wrapped transformation)."""
         return {f.name: getattr(self.spec, f.name) for f in dataclasses.fields(self.spec)}
 
-    def apply_gradients(self, grads: optax.Updates, state: LossScaleState, params: optax.Params) -> tuple[Any, Any]:
+    def apply_gradients(self, grads: optax.Updates, state: LossScaleState, params: optax.Params) -> tuple[Leaf, Leaf]:
         """``update`` then ``optax.apply_updates`` in one call: ``(new_params, new_state)``.
 
         The inner step runs inside ``jax.lax.cond`` on the finite flag, through the
@@ -100,24 +101,24 @@ class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
         """
         inner = self.spec.inner
 
-        def inner_step(unscaled: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
+        def inner_step(unscaled: Leaf, inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
             if hasattr(inner, "apply_gradients"):
                 return inner.apply_gradients(unscaled, inner_state, params)
             return fused.apply_gradients(optax.with_extra_args_support(inner), unscaled, inner_state, params)
 
         return _scaled_step(self.spec, grads, state, params, inner_step, keep_params=True)
 
-    def get_config(self, *, include_adamx: bool = False) -> dict[str, Any]:
+    def get_config(self, *, include_adamx: bool = False) -> dict[str, Leaf]:
         """The dict Keras's ``LossScaleOptimizer.get_config()`` prints (see :func:`loss_scale_to_keras_config`)."""
         return loss_scale_to_keras_config(self, include_adamx=include_adamx)
 
 
-def _same_types(new: Any, old: Any) -> Any:
+def _same_types(new: Leaf, old: Leaf) -> Leaf:
     """``lax.cond`` needs both branches to return the same types: keep the input's."""
     return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, old)
 
 
-def _check_state(state: Any) -> None:
+def _check_state(state: Leaf) -> None:
     if not isinstance(state, LossScaleState):
         raise ValueError(
             f"`state` is a {type(state).__name__}, not the LossScaleState of adamx.loss_scale_optimizer (a bare "
@@ -143,8 +144,8 @@ def _next_scalars(
 
 
 def _scaled_step(
-    spec: LossScaleSpec, grads: Any, state: LossScaleState, params: Any, inner_step: Any, *, keep_params: bool
-) -> tuple[Any, LossScaleState]:
+    spec: LossScaleSpec, grads: Leaf, state: LossScaleState, params: Leaf, inner_step: Leaf, *, keep_params: bool
+) -> tuple[Leaf, LossScaleState]:
     """One step: ``inner_step(grads / scale, ...)`` if every gradient is finite, else the
     skipped step; then the scale update. A skipped step returns ``params`` as they came
     (``keep_params``, ``apply_gradients``) or zero updates with the inner step's types
@@ -154,20 +155,20 @@ def _scaled_step(
     inner_in = jax.tree.map(jnp.asarray, state.inner_state)
     scale = state.scale
 
-    def apply_branch(inner_state: Any, params: Any) -> tuple[Any, Any]:
+    def apply_branch(inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
         out, new_inner = inner_step(jax.tree.map(lambda g: _unscale(g, scale), grads), inner_state, params)
         return out, _same_types(new_inner, inner_state)
 
     if keep_params:
-        out_like: Any = params
+        out_like: Leaf = params
     else:
         out_like = jax.eval_shape(lambda s, p: apply_branch(s, p)[0], inner_in, params)
 
-    def applied(inner_state: Any, params: Any) -> tuple[Any, Any]:
+    def applied(inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
         out, new_inner = apply_branch(inner_state, params)
         return (_same_types(out, params) if keep_params else out), new_inner
 
-    def skipped(inner_state: Any, params: Any) -> tuple[Any, Any]:
+    def skipped(inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
         out = params if keep_params else jax.tree.map(jnp.zeros_like, out_like)
         return out, inner_state
 
@@ -176,7 +177,7 @@ def _scaled_step(
     return out, LossScaleState(scale, counter, n_skipped, new_inner)
 
 
-def _check_scale(name: str, value: Any) -> float:
+def _check_scale(name: str, value: Leaf) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a positive finite number, got {value!r}.")
     v = float(value)
@@ -189,7 +190,7 @@ def _check_scale(name: str, value: Any) -> float:
 
 
 def _validate(
-    inner: Any, initial_scale: Any, dynamic_growth_steps: Any, min_scale: Any, max_scale: Any, axis_name: Any
+    inner: Leaf, initial_scale: Leaf, dynamic_growth_steps: Leaf, min_scale: Leaf, max_scale: Leaf, axis_name: Leaf
 ) -> None:
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"`inner` must be an optax GradientTransformation, got {type(inner).__name__}.")
@@ -208,7 +209,7 @@ def _validate(
         raise TypeError(f"`axis_name` must be a mesh axis name (str) or a tuple of them, got {axis_name!r}.")
 
 
-def all_finite(tree: Any, axis_name: AxisName | None = None) -> jax.Array:
+def all_finite(tree: Leaf, axis_name: AxisName | None = None) -> jax.Array:
     """``True`` when every element of every array leaf of ``tree`` is finite (a bool scalar).
 
     With ``axis_name`` (inside ``shard_map``/``pmap``) the flag is combined over those
@@ -223,11 +224,11 @@ def all_finite(tree: Any, axis_name: AxisName | None = None) -> jax.Array:
     return finite
 
 
-def _is_float(x: Any) -> bool:
+def _is_float(x: Leaf) -> bool:
     return hasattr(x, "dtype") and bool(jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-def _unscale(g: Any, scale: jax.Array) -> Any:
+def _unscale(g: Leaf, scale: jax.Array) -> Leaf:
     # Keras: ops.divide(g, scale) with the float32 scale (result dtype: g's promoted with
     # float32), then the inner Adam casts the gradient to the variable dtype. Here the
     # quotient goes back to g's dtype, the same rounding for a float16/bfloat16 grad.
@@ -336,7 +337,7 @@ def loss_scale_optimizer(
     return LossScaleOptimizer(init_fn, _Update(spec))
 
 
-def loss_scale(state: Any) -> jax.Array:
+def loss_scale(state: Leaf) -> jax.Array:
     """The current loss scale (float32 scalar): multiply the loss by it before ``jax.grad``.
 
     ``state`` is the :class:`LossScaleState`, or any optimizer state that holds exactly
@@ -365,7 +366,7 @@ def loss_scale(state: Any) -> jax.Array:
     return jnp.asarray(scale, jnp.float32)
 
 
-def _scale_states(state: Any) -> list[LossScaleState]:
+def _scale_states(state: Leaf) -> list[LossScaleState]:
     """Every :class:`LossScaleState` in ``state``, also those nested in another's ``inner_state``."""
     out: list[LossScaleState] = []
     for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, LossScaleState)):
@@ -374,7 +375,7 @@ def _scale_states(state: Any) -> list[LossScaleState]:
     return out
 
 
-def loss_scale_to_keras_config(opt: LossScaleOptimizer, *, include_adamx: bool = False) -> dict[str, Any]:
+def loss_scale_to_keras_config(opt: LossScaleOptimizer, *, include_adamx: bool = False) -> dict[str, Leaf]:
     """Keras's ``LossScaleOptimizer.get_config()`` dict for a :func:`loss_scale_optimizer`.
 
     ``{'name', 'inner_optimizer': <serialized inner>, 'initial_scale',
@@ -396,7 +397,7 @@ def loss_scale_to_keras_config(opt: LossScaleOptimizer, *, include_adamx: bool =
             "them (Keras itself will then refuse the config)."
         )
     inner_cfg = inner.spec.keras_config(include_adamx=include_adamx)
-    out: dict[str, Any] = {
+    out: dict[str, Leaf] = {
         "name": hp["name"],
         "inner_optimizer": {
             "module": "keras.optimizers",

@@ -71,11 +71,12 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adamx._types import Leaf
 
 FP8_BLOCK_SIZE = 256
 """torchao ``AdamFp8``'s default block size."""
@@ -129,7 +130,7 @@ def _unkey(k: int) -> np.float32:
     return np.array([bits], np.uint32).view(np.float32)[0]
 
 
-def q4_thresholds(qmap: Any) -> np.ndarray:
+def q4_thresholds(qmap: Leaf) -> np.ndarray:
     """``T[k-1]`` (k = 1..15): the smallest float32 ``y`` that torchao's 4-bit rule encodes to ``k`` or more.
 
     Between ``q[k-1]`` and ``q[k]`` torchao takes ``k`` iff ``f32(y - q[k-1]) >= f32(q[k] - q[k-1]) * 0.5``,
@@ -153,14 +154,14 @@ def q4_thresholds(qmap: Any) -> np.ndarray:
     return out
 
 
-def _check_map(qmap: Any) -> np.ndarray:
+def _check_map(qmap: Leaf) -> np.ndarray:
     q = np.asarray(qmap)
     if q.shape != (16,) or q.dtype != np.float32 or not np.all(np.diff(q) > 0):
         raise ValueError(f"`qmap` must be 16 increasing float32 values, got {q.dtype}{list(q.shape)}")
     return q
 
 
-def _check_block_size(block_size: Any) -> int:
+def _check_block_size(block_size: Leaf) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
     return int(block_size)
@@ -196,7 +197,7 @@ def state_nbytes(fmt: str, size: int, block_size: int | None = None) -> int:
     return (n if fmt == "fp8" else n // 2) + 4 * (n // bs)
 
 
-def _blocks(x: Any, block_size: int) -> jax.Array:
+def _blocks(x: Leaf, block_size: int) -> jax.Array:
     """``x`` (any float dtype) as float32 ``[size // block_size, block_size]``, row-major."""
     bs = _check_block_size(block_size)
     x = jnp.asarray(x)
@@ -220,7 +221,7 @@ def _absmax(blocks: jax.Array) -> jax.Array:
     return jnp.maximum(amax, SCALE_FLOOR)
 
 
-def _check_codes(codes: jax.Array, scales: Any, per_byte: int = 1) -> tuple[jax.Array, int]:
+def _check_codes(codes: jax.Array, scales: Leaf, per_byte: int = 1) -> tuple[jax.Array, int]:
     scales = jnp.asarray(scales)
     n = codes.size * per_byte
     if scales.ndim != 1 or scales.size == 0 or n % scales.size:
@@ -230,7 +231,7 @@ def _check_codes(codes: jax.Array, scales: Any, per_byte: int = 1) -> tuple[jax.
     return scales.astype(jnp.float32), n // scales.size
 
 
-def fp8_encode(x: Any, block_size: int = FP8_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+def fp8_encode(x: Leaf, block_size: int = FP8_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
     """torchao ``quantize_fp8``: ``(codes float8_e4m3fn in x's shape, scales float32[x.size // block_size])``.
 
     ``scale = max(absmax, 1e-12) / 448`` per block of the row-major flattening; ``code = e4m3fn(x / scale)``,
@@ -245,7 +246,7 @@ def fp8_encode(x: Any, block_size: int = FP8_BLOCK_SIZE) -> tuple[jax.Array, jax
     return codes.reshape(jnp.shape(x)), scale
 
 
-def fp8_decode(codes: Any, scales: Any) -> jax.Array:
+def fp8_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     """``f32(code) * scale`` per block, in ``codes``' shape (float32)."""
     codes = jnp.asarray(codes)
     if codes.dtype != jnp.float8_e4m3fn:
@@ -255,7 +256,7 @@ def fp8_decode(codes: Any, scales: Any) -> jax.Array:
     return values.reshape(codes.shape)
 
 
-def _q4_encode(x: Any, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, jax.Array]:
+def _q4_encode(x: Leaf, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, jax.Array]:
     blocks = _blocks(x, block_size)
     scale = _absmax(blocks)
     y = _scaled(blocks, scale)
@@ -265,7 +266,7 @@ def _q4_encode(x: Any, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, ja
     return code.reshape(jnp.shape(x)), scale
 
 
-def m4_encode(x: Any, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+def m4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
     """First moment, torchao ``Adam4bit``: ``(codes uint8 0..15 in x's shape, scales float32[x.size // block_size])``.
 
     ``scale = max(absmax, 1e-12)``; ``code`` = the nearest :data:`M4_MAP` value to ``x / scale``, a tie going
@@ -274,7 +275,7 @@ def m4_encode(x: Any, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.A
     return _q4_encode(x, M4_MAP, block_size)
 
 
-def v4_encode(x: Any, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+def v4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
     """Second moment: as :func:`m4_encode` with :data:`V4_MAP` (k/16, no zero: 0 stores as code 0 = 1/16).
 
     Meant for ``x >= 0``; a negative element encodes as code 0, as in torchao.
@@ -282,12 +283,12 @@ def v4_encode(x: Any, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.A
     return _q4_encode(x, V4_MAP, block_size)
 
 
-def m4_decode(codes: Any, scales: Any) -> jax.Array:
+def m4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     """``M4_MAP[code] * scale`` per block, in ``codes``' shape: a 4-level select tree on the code's bits, no gather."""
     codes = jnp.asarray(codes)
     scales, bs = _check_codes(codes, scales)
     c = codes.astype(jnp.uint8)
-    level: list[Any] = [np.float32(v) for v in M4_MAP]
+    level: list[Leaf] = [np.float32(v) for v in M4_MAP]
     for bit in range(4):
         on = ((c >> bit) & 1) != 0
         level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
@@ -295,7 +296,7 @@ def m4_decode(codes: Any, scales: Any) -> jax.Array:
     return values.reshape(codes.shape)
 
 
-def v4_decode(codes: Any, scales: Any) -> jax.Array:
+def v4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     """``V4_MAP[code] * scale = ((code + 1) / 16) * scale`` per block (the first product is exact)."""
     codes = jnp.asarray(codes)
     scales, bs = _check_codes(codes, scales)
@@ -303,7 +304,7 @@ def v4_decode(codes: Any, scales: Any) -> jax.Array:
     return (q.reshape(scales.size, bs) * scales[:, None]).reshape(codes.shape)
 
 
-def pack4(codes: Any) -> jax.Array:
+def pack4(codes: Leaf) -> jax.Array:
     """Two 4-bit codes per byte, torchao's order: ``byte[k] = code[2k] << 4 | code[2k+1]`` (row-major, flat).
 
     >>> pack4(jnp.array([1, 2, 15, 0], jnp.uint8)).tolist()
@@ -316,7 +317,7 @@ def pack4(codes: Any) -> jax.Array:
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
-def unpack4(packed: Any, shape: Any = None) -> jax.Array:
+def unpack4(packed: Leaf, shape: Leaf = None) -> jax.Array:
     """Inverse of :func:`pack4`: ``uint8[2 * packed.size]`` codes, reshaped to ``shape`` if given."""
     p = jnp.asarray(packed)
     if p.dtype != jnp.uint8:

@@ -7,13 +7,14 @@ PyTorch conventions differ only by options.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adamx import _hyper, _tree
+from adamx._types import Leaf
 
 EpsilonMode = Literal["hat", "paper"]
 MomentForm = Literal["kernel", "textbook"]
@@ -82,10 +83,10 @@ class ScaleByAdamState(NamedTuple):
     nu_max: optax.Updates | None  # AMSGrad: running max of raw nu; None without amsgrad
 
 
-def moment_buffers(params: Any, dtype: Any | None, *, second: bool = False) -> Any:
+def moment_buffers(params: Leaf, dtype: Leaf | None, *, second: bool = False) -> Leaf:
     """Zero moments like params. The second moment of a complex leaf is real (optax's convention)."""
 
-    def one(p: Any) -> jax.Array:
+    def one(p: Leaf) -> jax.Array:
         pdt = jnp.result_type(p)
         if jnp.issubdtype(pdt, jnp.complexfloating):
             if not second:
@@ -104,8 +105,8 @@ def scale_by_adam(
     eps_root: float = 0.0,
     epsilon_mode: EpsilonMode = "hat",
     amsgrad: bool = False,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: Leaf | None = None,
+    nu_dtype: Leaf | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates by Adam's moments (learning rate not included).
 
@@ -169,7 +170,7 @@ def scale_by_adam(
         )
 
     def update_fn(
-        updates: optax.Updates, state: ScaleByAdamState, params: Any = None
+        updates: optax.Updates, state: ScaleByAdamState, params: Leaf = None
     ) -> tuple[optax.Updates, ScaleByAdamState]:
         del params
         g_leaves, _, treedef = _tree.align_grads(updates, state.mu)
@@ -207,13 +208,13 @@ class AdamScalars(NamedTuple):
 
 
 def adam_scalars(
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
+    b1: Leaf,
+    b2: Leaf,
+    eps: Leaf,
+    eps_root: Leaf,
     count: jax.Array,
     *,
-    alpha_lr: Any,
+    alpha_lr: Leaf,
     keras_rounding: bool,
     t: jax.Array | None = None,
     powers: tuple[jax.Array, jax.Array] | None = None,
@@ -278,7 +279,7 @@ def adam_leaf(
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 
-def _running_max(v_max: jax.Array | None, v2: jax.Array, dt: Any) -> tuple[jax.Array, jax.Array | None]:
+def _running_max(v_max: jax.Array | None, v2: jax.Array, dt: Leaf) -> tuple[jax.Array, jax.Array | None]:
     """amsgrad: ``(the second moment the direction uses, the new stored running max)``;
     without a running max, ``(v2, None)``."""
     if v_max is None:
@@ -319,15 +320,15 @@ def _complex_leaf(
 
 
 def adam_leaves(
-    g_l: list[Any],
-    mu_l: list[Any],
-    nu_l: list[Any],
-    nm_l: list[Any],
+    g_l: list[Leaf],
+    mu_l: list[Leaf],
+    nu_l: list[Leaf],
+    nm_l: list[Leaf],
     sc: AdamScalars,
     *,
     form: MomentForm,
     mode: EpsilonMode,
-) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+) -> tuple[list[Leaf], list[Leaf], list[Leaf], list[Leaf]]:
     """:func:`adam_leaf` over lists of leaves: ``(directions, mu, nu, nu_max)``.
 
     A ``None`` gradient gives a ``None`` direction and leaves that leaf's moments as they are.
@@ -342,7 +343,7 @@ def adam_leaves(
     return d_l, mu_n, nu_n, nm_n
 
 
-def _check_adam_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
+def _check_adam_args(b1: Leaf, b2: Leaf, eps: Leaf, eps_root: Leaf = 0.0) -> None:
     _hyper.check_scalar("beta_1", b1, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
     _hyper.check_scalar("beta_2", b2, lo=0.0, hi=1.0, hi_open=True, allow_schedule=True)
     _hyper.check_scalar("epsilon", eps, lo=0.0)

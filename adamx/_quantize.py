@@ -71,11 +71,13 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adamx._types import Leaf
 
 DEFAULT_BLOCK_SIZE = 256
 FLT_MIN = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal float32
@@ -121,13 +123,13 @@ SIGNED_DYNAMIC_MAP.setflags(write=False)
 UNSIGNED_DYNAMIC_MAP.setflags(write=False)
 
 
-def midpoints(code: Any) -> np.ndarray:
+def midpoints(code: Leaf) -> np.ndarray:
     """The 255 decision thresholds ``(code[j] + code[j+1]) * 0.5`` in float32 (as the C++ header computes them)."""
     c = _check_code(code)
     return (c[:-1] + c[1:]) * np.float32(0.5)
 
 
-def zero_code(code: Any) -> int:
+def zero_code(code: Leaf) -> int:
     """The code that ``0.0`` encodes to; it decodes to exactly 0 (the first 0 if the map has two).
 
     >>> zero_code(SIGNED_DYNAMIC_MAP), zero_code(UNSIGNED_DYNAMIC_MAP)
@@ -140,7 +142,7 @@ def zero_code(code: Any) -> int:
     return z
 
 
-def encoder_table(code: Any) -> np.ndarray | None:
+def encoder_table(code: Leaf) -> np.ndarray | None:
     """The nearest-code search as one table lookup and one compare (``TableEncoder`` of
     ``adamx/_quant8.h``, the same table): ``None`` for a map where it is not exact.
 
@@ -197,7 +199,7 @@ def encode_with_table(y: jax.Array, table: jax.Array, zero: int) -> jax.Array:
     return jnp.where(jnp.isnan(y), zero, idx.astype(jnp.int32))
 
 
-def max_error(code: Any) -> float:
+def max_error(code: Leaf) -> float:
     """Worst-case ``|y - code[nearest(y)]|`` over ``y`` in ``[-1, 1]`` (signed map) or ``[0, 1]``.
 
     Half the largest gap between neighbouring codes, or the distance from the range
@@ -212,7 +214,7 @@ def max_error(code: Any) -> float:
     return float(max(np.max(np.diff(c)) / 2.0, c[0] - lo, 1.0 - c[-1]))
 
 
-def _check_code(code: Any) -> np.ndarray:
+def _check_code(code: Leaf) -> np.ndarray:
     c = np.asarray(code)
     if c.shape != (256,) or c.dtype != np.float32:
         raise ValueError(f"`code` must be a float32 array of shape (256,), got {c.dtype}{list(c.shape)}")
@@ -221,7 +223,7 @@ def _check_code(code: Any) -> np.ndarray:
     return c
 
 
-def _check_block_size(block_size: Any) -> int:
+def _check_block_size(block_size: Leaf) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
     return int(block_size)
@@ -368,7 +370,7 @@ def dynamic_encode(y: jax.Array, signed: bool) -> jax.Array:
     return jnp.where(neg, 0, c)  # a negative value's nearest code in [0, 1] is 0
 
 
-def scale_shape(shape: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, ...]:
+def scale_shape(shape: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, ...]:
     """The shape of a leaf's block scales: blocks are ``block_size`` consecutive elements in C order.
 
     Where the last axes hold whole blocks (``prod(shape[a:]) % block_size == 0`` for some axis ``a``;
@@ -478,7 +480,7 @@ def block_absmax(x: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Arra
     return _scale_of(_block_max(_abs_bits(x), block_size))
 
 
-def quantize(x: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
     """Block-wise absmax quantization of ``x`` (any shape; any float dtype, cast to float32).
 
     ``code`` is a map of 256 sorted float32 values (a NumPy constant such as
@@ -523,7 +525,7 @@ def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def dequantize(
-    q: QuantizedArray, code: Any, shape: Any, block_size: int = DEFAULT_BLOCK_SIZE, dtype: Any = jnp.float32
+    q: QuantizedArray, code: Leaf, shape: Leaf, block_size: int = DEFAULT_BLOCK_SIZE, dtype: Leaf = jnp.float32
 ) -> jax.Array:
     """``code[codes] * scale`` per block, in ``shape`` (an int tuple, or a leaf whose ``.shape`` is used).
 
@@ -542,7 +544,7 @@ def dequantize(
     return values.astype(dtype)
 
 
-def as_layout(q: QuantizedArray, shape: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+def as_layout(q: QuantizedArray, shape: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
     """``q`` in the current layout for a leaf of ``shape``: codes shaped like the leaf, scales of
     :func:`scale_shape`. A state of the first 8-bit layout (codes ``uint8[n]``, scales
     ``float32[ceil(n / block_size)]``; the same blocks in the same order) is reshaped; anything
@@ -561,7 +563,7 @@ def as_layout(q: QuantizedArray, shape: Any, block_size: int = DEFAULT_BLOCK_SIZ
     )
 
 
-def _shape_of(shape_or_leaf: Any) -> tuple[int, ...]:
+def _shape_of(shape_or_leaf: Leaf) -> tuple[int, ...]:
     if hasattr(shape_or_leaf, "shape"):
         return tuple(int(d) for d in shape_or_leaf.shape)
     if isinstance(shape_or_leaf, (int, np.integer)):
@@ -572,7 +574,7 @@ def _shape_of(shape_or_leaf: Any) -> tuple[int, ...]:
         raise TypeError(f"expected a shape (tuple of ints) or an array-like leaf, got {shape_or_leaf!r}") from None
 
 
-def quantized_zeros(shape_or_leaf: Any, code: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+def quantized_zeros(shape_or_leaf: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
     """The quantized zero state for a leaf: equal, bit for bit, to ``quantize(zeros(shape), code, block_size)``.
 
     ``shape_or_leaf``: a shape, or any object with ``.shape`` (an array, a
@@ -596,12 +598,12 @@ def quantized_nbytes(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     return int(size) + 4 * num_blocks(size, block_size)
 
 
-def tree_nbytes(tree: Any) -> int:
+def tree_nbytes(tree: Leaf) -> int:
     """Total ``nbytes`` of the array leaves of a pytree (``QuantizedArray`` counts its codes and scales)."""
     return int(sum(int(np.dtype(leaf.dtype).itemsize) * int(leaf.size) for leaf in jax.tree.leaves(tree)))
 
 
-def bytes_per_param(state: Any, params: Any) -> float:
+def bytes_per_param(state: Leaf, params: Leaf) -> float:
     """Measured state bytes divided by the number of parameters.
 
     >>> p = {"w": jnp.zeros((512, 512))}

@@ -17,6 +17,7 @@ import optax
 
 from adamx import _flat, _quantize, _tree
 from adamx._spec import STATE_FIELDS, AdamSpec, StateField
+from adamx._types import Leaf
 
 
 class AdamState(NamedTuple):
@@ -57,7 +58,7 @@ class KahanAdamState(NamedTuple):
 AnyAdamState = AdamState | KahanAdamState
 
 
-def make_state(spec: AdamSpec, count: jax.Array, fields: dict[str, Any]) -> Any:
+def make_state(spec: AdamSpec, count: jax.Array, fields: dict[str, Leaf]) -> Leaf:
     """The state class ``spec`` uses (:class:`KahanAdamState` for kahan rounding), from its fields."""
     base = {f: fields.get(f) for f in STATE_FIELDS}
     if spec.param_rounding == "kahan":
@@ -65,7 +66,7 @@ def make_state(spec: AdamSpec, count: jax.Array, fields: dict[str, Any]) -> Any:
     return AdamState(count=count, **base)
 
 
-def _buffer(spec: AdamSpec, field: StateField, p: Any) -> jax.Array:
+def _buffer(spec: AdamSpec, field: StateField, p: Leaf) -> jax.Array:
     dt = spec.state_dtype(field, jnp.result_type(p))
     # the average starts as a fresh copy of params (never their own buffers: donation)
     return _tree.fresh_copy(p, dt) if field == "ema" else _tree.zeros_like(p, dt)
@@ -74,12 +75,12 @@ def _buffer(spec: AdamSpec, field: StateField, p: Any) -> jax.Array:
 QUANTIZED_FIELDS: tuple[StateField, ...] = ("mu", "nu", "nu_max")
 
 
-def code_map(field: StateField) -> Any:
+def code_map(field: StateField) -> Leaf:
     """The 8-bit code map of a quantized field: signed for ``mu``, unsigned for ``nu``/``nu_max``."""
     return _quantize.SIGNED_DYNAMIC_MAP if field == "mu" else _quantize.UNSIGNED_DYNAMIC_MAP
 
 
-def _quantized_tree(spec: AdamSpec, field: StateField, params: optax.Params) -> Any:
+def _quantized_tree(spec: AdamSpec, field: StateField, params: optax.Params) -> Leaf:
     """A moment field with ``quantize_moments``: quantized zeros on the quantized leaves, zeros elsewhere."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     on = spec.quantized_leaves(params)
@@ -93,7 +94,7 @@ def _quantized_tree(spec: AdamSpec, field: StateField, params: optax.Params) -> 
 def init(spec: AdamSpec, params: optax.Params) -> AdamState:
     """The initial state: count 0, zero moments and accumulator, the average a copy of params."""
     on = spec.fields_on
-    fields: dict[str, Any] = {f: None for f in on}
+    fields: dict[str, Leaf] = {f: None for f in on}
     if spec.flat_state:
         leaves, tdef = jax.tree_util.tree_flatten(params)
         treedef: Any = tdef
@@ -113,7 +114,7 @@ def init(spec: AdamSpec, params: optax.Params) -> AdamState:
     return make_state(spec, jnp.zeros([], jnp.int32), fields)
 
 
-def layout(spec: AdamSpec, field: StateField, leaves: list[Any], quantized: list[bool] | None = None) -> _flat.Layout:
+def layout(spec: AdamSpec, field: StateField, leaves: list[Leaf], quantized: list[bool] | None = None) -> _flat.Layout:
     """Where each leaf of params lives in the flat buffers of ``field``.
 
     ``quantized``: :meth:`AdamSpec.quantized_leaves` of the params (8-bit ``mu``/``nu``/``nu_max``
@@ -123,7 +124,7 @@ def layout(spec: AdamSpec, field: StateField, leaves: list[Any], quantized: list
     return _flat.layout(leaves, lambda p: spec.state_dtype(field, jnp.result_type(p)), q, spec.quantize_block_size)
 
 
-def tree_views(spec: AdamSpec, state: Any, params: optax.Params) -> tuple[Any, Callable[[Any], Any]]:
+def tree_views(spec: AdamSpec, state: Leaf, params: optax.Params) -> tuple[Leaf, Callable[[Leaf], Leaf]]:
     """A flat state as tree state (each field the tree of its leaves' views of the flat buffers;
     an 8-bit leaf as a :class:`adamx.QuantizedArray`), and the function that packs a tree state
     of the same params back into flat buffers."""
@@ -133,12 +134,12 @@ def tree_views(spec: AdamSpec, state: Any, params: optax.Params) -> tuple[Any, C
     lays = {f: layout(spec, f, leaves, quantized) for f in spec.fields_on}
     views = {f: jax.tree_util.tree_unflatten(treedef, _flat.unpack(getattr(state, f), lay)) for f, lay in lays.items()}
 
-    def repack(new: Any) -> Any:
+    def repack(new: Leaf) -> Leaf:
         return new._replace(**{f: _flat.pack(treedef.flatten_up_to(getattr(new, f)), lay) for f, lay in lays.items()})
 
     return state._replace(**views), repack
 
 
-def next_state(spec: AdamSpec, n: jax.Array, wrap: Any, fields: dict[str, Any]) -> Any:
+def next_state(spec: AdamSpec, n: jax.Array, wrap: Leaf, fields: dict[str, Leaf]) -> Leaf:
     """The state after a step: each on field's leaves wrapped (as a tree or flat buffers)."""
     return make_state(spec, optax.safe_increment(n), {f: wrap(fields[f]) for f in spec.fields_on})

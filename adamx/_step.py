@@ -33,6 +33,7 @@ import optax
 from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _rounding, _tree
 from adamx._spec import AdamSpec, StateField
 from adamx._state import AdamState, AnyAdamState, KahanAdamState, code_map, layout, next_state, tree_views
+from adamx._types import Leaf
 
 CLIP_CODES = {"none": 0, "norm": 1, "global_norm": 2, "value": 3}
 
@@ -60,7 +61,7 @@ class Scalars(NamedTuple):
     overwrite: jax.Array  # 1 when this call sets params to their averages
 
 
-def _f32(x: Any) -> jax.Array:
+def _f32(x: Leaf) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
@@ -102,7 +103,7 @@ def scalars(spec: AdamSpec, n: jax.Array) -> Scalars:
 
 
 # ---------------------------------------------------------------------- elementwise pieces
-def unscale(spec: AdamSpec, g_u: list[Any]) -> list[Any]:
+def unscale(spec: AdamSpec, g_u: list[Leaf]) -> list[Leaf]:
     """Gradients in float32 at least, divided by ``loss_scale_factor`` (``None`` stays ``None``)."""
     g_u = [None if g is None else g.astype(_tree.compute_dtype(g.dtype)) for g in g_u]
     if spec.loss_scale_factor is None:
@@ -111,7 +112,7 @@ def unscale(spec: AdamSpec, g_u: list[Any]) -> list[Any]:
     return [None if g is None else g / s.astype(g.dtype) for g in g_u]
 
 
-def window_mean(spec: AdamSpec, g_u: list[Any], acc_u: list[Any]) -> tuple[list[Any], list[Any]]:
+def window_mean(spec: AdamSpec, g_u: list[Leaf], acc_u: list[Leaf]) -> tuple[list[Leaf], list[Leaf]]:
     """The last micro-step of a window: the mean gradient, accumulators reset."""
     kf = _f32(spec.window)
     return (
@@ -120,7 +121,7 @@ def window_mean(spec: AdamSpec, g_u: list[Any], acc_u: list[Any]) -> tuple[list[
     )
 
 
-def accumulate(g_u: list[Any], acc_u: list[Any]) -> list[Any]:
+def accumulate(g_u: list[Leaf], acc_u: list[Leaf]) -> list[Leaf]:
     """A micro-step: gradients added to the accumulators (in the wider dtype, rounded once)."""
     return [
         a
@@ -132,16 +133,16 @@ def accumulate(g_u: list[Any], acc_u: list[Any]) -> list[Any]:
 
 def clip(
     spec: AdamSpec,
-    g_u: list[Any],
-    split: Callable[[list[Any]], list[Any]] | None = None,
-    join: Callable[[list[Any]], list[Any]] | None = None,
-) -> list[Any]:
+    g_u: list[Leaf],
+    split: Callable[[list[Leaf]], list[Leaf]] | None = None,
+    join: Callable[[list[Leaf]], list[Leaf]] | None = None,
+) -> list[Leaf]:
     """Keras clipping of the units. ``clipnorm`` is per parameter tensor: for flat
     units ``split`` cuts them into leaves and ``join`` puts the clipped leaves back."""
     return _clipping.clip_units(spec.clip_mode, spec.clip_threshold, g_u, split, join)
 
 
-def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, Any, Any]:
+def moments(sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
     """Adam on one unit (Keras kernel form, epsilon hat): ``(direction, m, v, v_max)``.
 
     :func:`adamx._moments.adam_leaf` (float32 arithmetic, wider for float64; complex leaves
@@ -155,7 +156,7 @@ def moments(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any) -> tuple[Any, Any, 
     return _moments.adam_leaf(g, m, v, v_max, asc, form="kernel", mode="hat")
 
 
-def one_rounding(xs: Any) -> Any:
+def one_rounding(xs: Leaf) -> Leaf:
     """``xs`` computed once for all their consumers, on CPU only.
 
     On XLA:CPU an optimization barrier keeps XLA from recomputing a value per consumer with
@@ -167,7 +168,7 @@ def one_rounding(xs: Any) -> Any:
     return jax.lax.platform_dependent(xs, cpu=jax.lax.optimization_barrier, default=lambda v: v)
 
 
-def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: int) -> tuple[Any, Any, Any, Any]:
+def moments_8bit(sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, block_size: int) -> tuple[Leaf, Leaf, Leaf, Leaf]:
     """:func:`moments` on a unit whose moments may be :class:`adamx.QuantizedArray`: dequantize
     (to float32), the float32 step, requantize (``quantize_moments=True``; docs/quantized_state.md).
 
@@ -191,7 +192,7 @@ def moments_8bit(sc: Scalars, g: Any, m: Any, v: Any, v_max: Any, block_size: in
     return d, m2, v2, x2
 
 
-def descent(sc: Scalars, d: Any, p: Any, decay: bool, dtype: Any) -> Any:
+def descent(sc: Scalars, d: Leaf, p: Leaf, decay: bool, dtype: Leaf) -> Leaf:
     """The update ``-d``, minus ``lr * wd * p`` where the leaf is decayed, in ``dtype``."""
     u = -d
     if decay:
@@ -199,7 +200,7 @@ def descent(sc: Scalars, d: Any, p: Any, decay: bool, dtype: Any) -> Any:
     return u.astype(dtype)
 
 
-def receive(spec: AdamSpec, n: jax.Array, leaf: int, u: Any, p: Any, comp: Any) -> tuple[Any, Any]:
+def receive(spec: AdamSpec, n: jax.Array, leaf: int, u: Leaf, p: Leaf, comp: Leaf) -> tuple[Leaf, Leaf]:
     """``param_rounding`` on leaf number ``leaf``: the float32 update ``u`` of a narrow param
     ``p`` becomes ``(update in p's dtype, new compensation)`` (see :mod:`adamx._rounding`)."""
     r = None
@@ -209,12 +210,12 @@ def receive(spec: AdamSpec, n: jax.Array, leaf: int, u: Any, p: Any, comp: Any) 
     return upd, (comp if new_comp is None else new_comp)
 
 
-def rounds(spec: AdamSpec, p: Any) -> bool:
+def rounds(spec: AdamSpec, p: Leaf) -> bool:
     """Whether ``param_rounding`` changes how ``p`` receives its update (narrow float params)."""
     return spec.param_rounding != "nearest" and p is not None and _rounding.narrow(jnp.result_type(p))
 
 
-def average(sc: Scalars, ema: Any, p_new: Any) -> Any:
+def average(sc: Scalars, ema: Leaf, p_new: Leaf) -> Leaf:
     """Keras's EMA of one unit: ``mom * ema + (1 - mom) * p_new`` (``p_new`` = params after the step)."""
     return _averaging.average_leaf(sc.mom, sc.one_m, ema, p_new)
 
@@ -222,10 +223,10 @@ def average(sc: Scalars, ema: Any, p_new: Any) -> Any:
 class Moments(NamedTuple):
     """The per-unit state the gradient part of the step reads and writes."""
 
-    acc: list[Any]
-    mu: list[Any]
-    nu: list[Any]
-    nu_max: list[Any]
+    acc: list[Leaf]
+    mu: list[Leaf]
+    nu: list[Leaf]
+    nu_max: list[Leaf]
 
 
 def is_real(spec: AdamSpec, n: jax.Array) -> jax.Array:
@@ -238,14 +239,14 @@ def direction(
     spec: AdamSpec,
     n: jax.Array,
     scalars_of: Callable[[], Scalars],
-    g_u: list[Any],
+    g_u: list[Leaf],
     st: Moments,
     *,
-    split: Callable[[list[Any]], list[Any]] | None = None,
-    join: Callable[[list[Any]], list[Any]] | None = None,
-    finish: Callable[[list[Any], Scalars], list[Any]] | None = None,
-    idle: Callable[[list[Any]], list[Any]] | None = None,
-) -> tuple[list[Any], Moments]:
+    split: Callable[[list[Leaf]], list[Leaf]] | None = None,
+    join: Callable[[list[Leaf]], list[Leaf]] | None = None,
+    finish: Callable[[list[Leaf], Scalars], list[Leaf]] | None = None,
+    idle: Callable[[list[Leaf]], list[Leaf]] | None = None,
+) -> tuple[list[Leaf], Moments]:
     """Accumulate / window-mean / clip / moments over the units: ``(out, new state)``.
 
     ``out`` is the direction per unit, or ``finish(directions, scalars)``, computed inside
@@ -255,7 +256,7 @@ def direction(
     """
     k = spec.window
 
-    def real_step(g_u: list[Any], st: Moments) -> tuple[list[Any], Moments]:
+    def real_step(g_u: list[Leaf], st: Moments) -> tuple[list[Leaf], Moments]:
         sc = scalars_of()
         acc = st.acc
         if k is not None:
@@ -267,7 +268,7 @@ def direction(
         )
         return (d_u if finish is None else finish(d_u, sc)), Moments(acc, mu, nu, nm)
 
-    def micro_step(g_u: list[Any], st: Moments) -> tuple[list[Any], Moments]:
+    def micro_step(g_u: list[Leaf], st: Moments) -> tuple[list[Leaf], Moments]:
         return (g_u if idle is None else idle(g_u)), st._replace(acc=accumulate(g_u, st.acc))
 
     if not g_u:
@@ -279,11 +280,11 @@ def direction(
 
 
 # ---------------------------------------------------------------------- the two iterations
-def _none_list(n: int) -> list[Any]:
+def _none_list(n: int) -> list[Leaf]:
     return [None] * n
 
 
-def update_tree(spec: AdamSpec, grads: optax.Updates, state: AnyAdamState, params: optax.Params | None) -> Any:
+def update_tree(spec: AdamSpec, grads: optax.Updates, state: AnyAdamState, params: optax.Params | None) -> Leaf:
     """``update`` with tree state: the units are the leaves."""
     g_l, p_l, treedef = _tree.align_grads(grads, state.mu if params is None else params)
     nl = len(g_l)
@@ -309,7 +310,7 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AnyAdamState, param
         )
     comp_l = flat(state.comp) if isinstance(state, KahanAdamState) else []
 
-    def finish(d_l: list[Any], sc: Scalars) -> list[Any]:
+    def finish(d_l: list[Leaf], sc: Scalars) -> list[Leaf]:
         u_l = [
             None if d is None else descent(sc, d, p, dec, g.dtype if p is None else jnp.result_type(p))
             for g, p, d, dec in zip(g_l, p_l, d_l, keep)
@@ -322,7 +323,7 @@ def update_tree(spec: AdamSpec, grads: optax.Updates, state: AnyAdamState, param
                     c_l[i] = c
         return u_l + c_l  # the compensation rides along (lax.cond under accumulation)
 
-    def idle(g_l: list[Any]) -> list[Any]:
+    def idle(g_l: list[Leaf]) -> list[Leaf]:
         return [
             None if g is None else jnp.zeros_like(g, dtype=g.dtype if p is None else jnp.result_type(p))
             for g, p in zip(g_l, p_l)
@@ -363,7 +364,7 @@ def frozen_leaves(g_l: list[Any], p_l: list[Any], treedef: Any) -> list[bool]:
     return out
 
 
-def zeros_for_none(u: Any, p: Any, frozen: bool) -> Any:
+def zeros_for_none(u: Leaf, p: Leaf, frozen: bool) -> Leaf:
     """The update of a leaf without a gradient (``None``) or left alone: zeros of the params' dtype,
     so ``optax.apply_updates`` takes it; without params a ``None`` update stays ``None``."""
     if p is None:
@@ -373,7 +374,7 @@ def zeros_for_none(u: Any, p: Any, frozen: bool) -> Any:
     return u
 
 
-def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
+def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Leaf:
     """``update`` with flat state: the units are the whole flat buffers (one per dtype group).
 
     The gradients are concatenated once; unscaling, the window, clipping, the moments and
@@ -403,7 +404,7 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     members = [[i for i, s in enumerate(lay.slots) if s.group == j] for j in range(ng)]
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)  # noqa: E731
 
-    def piece(buf: Sequence[Any], i: int) -> Any:
+    def piece(buf: Sequence[Leaf], i: int) -> Leaf:
         return _flat.view(buf, lay.slots[i])
 
     n = state.count
@@ -430,7 +431,7 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
         _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else [False] * len(p_l)
     )
 
-    def finish(d: Any, p: Any, dec: bool) -> Any:
+    def finish(d: Leaf, p: Leaf, dec: bool) -> Leaf:
         """The update in the params' dtype; zero on micro-steps (``d`` is a placeholder there)."""
         u = descent(sc, d, p, dec, p.dtype)
         return u if real is None else jnp.where(real, u, jnp.zeros_like(u))
@@ -439,8 +440,8 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     # the params an average needs) as whole buffers too: one loop per leaf remains.
     pdts = [jnp.dtype(jnp.result_type(p)) for p in p_l]
     uniform = [len({(pdts[i], keep[i]) for i in members[j]}) == 1 for j in range(ng)]
-    p_flat: list[Any] = _none_list(ng)
-    u_flat: list[Any] = _none_list(ng)
+    p_flat: list[Leaf] = _none_list(ng)
+    u_flat: list[Leaf] = _none_list(ng)
     for j in range(ng):
         if uniform[j]:
             p_flat[j] = cat([jnp.ravel(p_l[i]) for i in members[j]])
@@ -466,7 +467,7 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
     return jax.tree_util.tree_unflatten(treedef, u_l), next_state(spec, n, fb, fields)
 
 
-def update_flat_by_leaf(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Any:
+def update_flat_by_leaf(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: optax.Params) -> Leaf:
     """:func:`update_tree` on views of the flat buffers (what :func:`update_flat` does not take)."""
     as_tree, repack = tree_views(spec, state, params)
     updates, new = update_tree(spec, grads, as_tree, params)

@@ -13,6 +13,7 @@ from jax.experimental import sparse as jsparse
 
 from adamx import _hyper, _moments, _tree
 from adamx._spec import check_moment_dtype
+from adamx._types import Leaf
 
 
 class Tf1AdamState(NamedTuple):
@@ -31,8 +32,8 @@ def tf1_adam(
     beta2: _hyper.ScalarOrSchedule = 0.999,
     epsilon: float = 1e-8,
     *,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: Leaf | None = None,
+    nu_dtype: Leaf | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""``tf.compat.v1.train.AdamOptimizer`` (defaults: ``epsilon=1e-8``).
 
@@ -86,8 +87,8 @@ class Tf1AdamSpec:
     beta1: _hyper.ScalarOrSchedule = 0.9
     beta2: _hyper.ScalarOrSchedule = 0.999
     epsilon: float = 1e-8
-    mu_dtype: Any | None = None
-    nu_dtype: Any | None = None
+    mu_dtype: Leaf | None = None
+    nu_dtype: Leaf | None = None
 
     def __post_init__(self) -> None:
         _hyper.check_scalar("learning_rate", self.learning_rate, lo=0.0, allow_schedule=True)
@@ -111,7 +112,7 @@ def init(spec: Tf1AdamSpec, params: optax.Params) -> Tf1AdamState:
 
 
 def update(
-    spec: Tf1AdamSpec, grads: optax.Updates, state: Tf1AdamState, params: optax.Params | None = None, **extra: Any
+    spec: Tf1AdamSpec, grads: optax.Updates, state: Tf1AdamState, params: optax.Params | None = None, **extra: Leaf
 ) -> tuple[optax.Updates, Tf1AdamState]:
     """One TF1 step: dense leaves by ``ApplyAdam``, ``BCOO`` leaves by TF1's sparse path."""
     del extra
@@ -132,9 +133,9 @@ def update(
     )
     mu_l, nu_l = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     p_l = treedef.flatten_up_to(params) if params is not None else [None] * len(g_l)
-    u_l: list[Any] = []
-    mu_n: list[Any] = []
-    nu_n: list[Any] = []
+    u_l: list[Leaf] = []
+    mu_n: list[Leaf] = []
+    nu_n: list[Leaf] = []
     for g, m, v, p, sp in zip(g_l, mu_l, nu_l, p_l, sparse_leaf):
         if g is None:
             u_l.append(None)

@@ -88,13 +88,6 @@ def test_the_measures_see_what_they_measure():
     assert function_lengths()[0][0] > 0 and sum(t for _, t in any_counts().values()) > 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the owners of _lazy/_loss_scale/_step/_moments/_quantize/_state/_flat/_checks/_tf1 reshape them: "
-    "measured on the spec branch, the longest function is _lazy.lazy_adam (132 lines without its docstring; "
-    "_kernel.run was 145, now split) and Any is in 18.4% of annotations (252 of 1373; 38% before), "
-    "all but 3 of them in those files (_build 2, _spec 1)",
-)
 def test_shape_of_the_package():
     longest = function_lengths()
     too_long = [f"{name} ({n} lines)" for n, name in longest if n > MAX_FUNCTION_LINES]
