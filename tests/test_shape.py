@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import pytest
-
 import adamx
 
 PKG = pathlib.Path(adamx.__file__).parent
