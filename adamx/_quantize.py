@@ -424,35 +424,13 @@ def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return _reshape(_reshape(b, (b.size,))[:n], shape)
 
 
-def _last_axis_blocks(shape: tuple[int, ...], block_size: int) -> bool:
-    """Whether the blocks lie along the last axis (it holds whole blocks): then no reshape is needed."""
-    return len(shape) >= 1 and shape[-1] % block_size == 0 and shape[-1] > 0
-
-
 def _block_max(bits: jax.Array, block_size: int) -> jax.Array:
     """The max of each block of non-negative int32 ``bits`` (shaped like the leaf), in :func:`scale_shape`.
 
-    Blocks along the last axis: on TPU a strided window max over the leaf as it is (a reshape of the
-    minor axis into blocks costs a relayout copy there), elsewhere a reshape and a reduce (XLA:CPU's
-    fastest); the same integers either way.
+    (A strided window max instead of the reshape was tried for the TPU: its compiler then moved
+    183 instead of 128 bytes a parameter; benchmarks/results/accelerator.md.)
     """
-    shape = tuple(bits.shape)
-    if not _last_axis_blocks(shape, block_size):
-        return jnp.max(_blocks(bits, block_size), axis=-1)
-    window = (1,) * (len(shape) - 1) + (block_size,)
-
-    def windowed(b: jax.Array) -> jax.Array:
-        return jax.lax.reduce_window(b, np.int32(0), jax.lax.max, window, window, "VALID")
-
-    def reshaped(b: jax.Array) -> jax.Array:
-        return jnp.max(_blocks(b, block_size), axis=-1)
-
-    try:  # both branches are traced; a window over shards that hold no whole blocks is refused
-        return jax.lax.platform_dependent(bits, tpu=windowed, default=reshaped)
-    except Exception as e:  # jax's ShardingTypeError (not public)
-        if type(e).__name__ != "ShardingTypeError":
-            raise
-        return reshaped(bits)
+    return jnp.max(_blocks(bits, block_size), axis=-1)
 
 
 def _spread(per_block: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
