@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adamx._types import ArrayLike, DType
 
@@ -68,12 +67,31 @@ def leaf_keys(seed: int, count: jax.Array, n_leaves: int) -> jax.Array:
     return mix(mix(s ^ _u32(count)) + i * jnp.uint32(GOLDEN))
 
 
-def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """float32 uniforms in ``[0, 1)`` (multiples of 2**-24), one per element of ``shape``."""
-    size = int(np.prod(shape, dtype=np.int64))
-    j = jax.lax.iota(jnp.uint32, size).reshape(shape)
+def uniforms(key: jax.Array, shape: tuple[int, ...], like: jax.Array | None = None) -> jax.Array:
+    """float32 uniforms in ``[0, 1)`` (multiples of 2**-24), one per element of ``shape``.
+
+    The counter is each element's C-order index, built from one iota per axis so that it takes
+    ``like``'s sharding on an Explicit mesh: each device hashes its own elements only.
+    """
+    sharding = None if like is None else _explicit_spec(like)
+    j = jnp.zeros(shape, jnp.uint32) if not shape else None
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        term = jax.lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding) * jnp.uint32(stride)
+        j = term if j is None else j + term
+        stride *= int(shape[d])
+    assert j is not None
     h = mix(mix(j ^ key) + key)
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def _explicit_spec(x: jax.Array) -> jax.sharding.PartitionSpec | None:
+    """``x``'s partition spec where it lives on an Explicit mesh, else ``None``."""
+    sh = jax.typeof(x).sharding
+    mesh = getattr(sh, "mesh", None)
+    if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    return sh.spec
 
 
 def to_dtype(x: jax.Array, dtype: DType) -> jax.Array:

@@ -205,7 +205,7 @@ def receive(spec: AdamSpec, n: jax.Array, leaf: int, u: Leaf, p: Leaf, comp: Lea
     ``p`` becomes ``(update in p's dtype, new compensation)`` (see :mod:`adamx._rounding`)."""
     r = None
     if spec.param_rounding == "stochastic":
-        r = _rounding.uniforms(_rounding.leaf_key(spec.seed, n, leaf), tuple(jnp.shape(p)))
+        r = _rounding.uniforms(_rounding.leaf_key(spec.seed, n, leaf), tuple(jnp.shape(p)), like=p)
     upd, new_comp = _rounding.receive(spec.param_rounding, p, u, comp, r)
     return upd, (comp if new_comp is None else new_comp)
 

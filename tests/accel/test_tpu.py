@@ -31,7 +31,6 @@ _Q8_TPU = "about 128 B/param (ideal 16.06; 16824 with the gathers before): XLA:T
 BYTES_FAIL = {
     "8-bit moments": _Q8_TPU,
     "8-bit moments, bf16": _Q8_TPU,
-    "kahan, bf16": "66 B/param (ideal 26, optax 14)",
 }
 TEMP_FAIL = {
     "8-bit moments": "about 20 B/param of temporaries (the materialized float32 moments)",
@@ -44,8 +43,6 @@ EIGHT_BIT_FAIL = {
 MESH_FAIL: dict[str, str] = {}  # 8-bit compiles on an Explicit mesh, state split like params, no collectives
 MESH_BYTES_FAIL = {
     "8-bit moments": "about 150 B/param per device (ideal 16.06): as on one chip",
-    "kahan, bf16": "66 B/param per device (ideal 26)",
-    "stochastic, bf16": "130 B/param per device on the mesh (ideal 22; 22 on one chip)",
 }
 
 
