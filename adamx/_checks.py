@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _flat, _quantize, _tree
-from adamx._spec import STATE_FIELDS, AdamSpec
+from adamx import _codecs, _flat, _quantize, _tree
+from adamx._spec import STATE_FIELDS, AdamSpec, StateField
 from adamx._state import QUANTIZED_FIELDS, AdamState, AnyAdamState, KahanAdamState, layout
 from adamx._types import Leaf
 
@@ -187,23 +187,24 @@ def _check_tree(spec: AdamSpec, state: AnyAdamState, ref: Leaf, have_params: boo
 
 
 def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Leaf, params: Leaf) -> None:
-    """Tree state: each moment leaf is 8-bit (a :class:`adamx.QuantizedArray`) exactly where this
-    optimizer quantizes (``quantize_moments``, ``quantize_min_size``, ``quantize_mask``), with the
-    codes and scales its ``quantize_block_size`` gives; a ``ValueError`` naming field, path and
-    option otherwise. Without params (and ``quantize_moments`` on) it cannot tell: skipped."""
+    """Tree state: each moment leaf is coded (a :class:`adamx.QuantizedArray`) exactly where this
+    optimizer quantizes (``quantize_moments``, ``moment_format``, ``quantize_min_size``,
+    ``quantize_mask``), with the codes and scales its codec gives; a ``ValueError`` naming field,
+    path and option (and the format the state seems to hold) otherwise. Without params (and
+    ``quantize_moments`` on) it cannot tell: skipped."""
     if params is None and spec.quantize_moments:
         return
     treedef: Any = jax.tree_util.tree_structure(ref)
     want = spec.quantized_leaves(params) if params is not None else [False] * treedef.num_leaves
     opts = (
-        f"quantize_moments={spec.quantize_moments}, quantize_min_size={spec.quantize_min_size}, "
-        f"quantize_block_size={spec.quantize_block_size}"
+        f"quantize_moments={spec.quantize_moments}, moment_format={spec.moment_format!r}, "
+        f"quantize_min_size={spec.quantize_min_size}, quantize_block_size={spec.quantize_block_size}"
     )
     paths = _tree.leaf_paths(ref)
     for f in (f for f in QUANTIZED_FIELDS if f in spec.fields_on):
         for path, x, q, p in zip(paths, treedef.flatten_up_to(getattr(state, f)), want, treedef.flatten_up_to(ref)):
             if isinstance(x, _quantize.QuantizedArray) != q:
-                got, keeps = ("8-bit (a QuantizedArray)", "float") if not q else ("float", "8-bit")
+                got, keeps = ("quantized (a QuantizedArray)", "float") if not q else ("float", "quantized")
                 raise ValueError(
                     f"state field `{f}` at '{path}' is {got}, this optimizer ({opts}) keeps it {keeps}; {_REBUILD}."
                 )
@@ -211,21 +212,41 @@ def check_quantized(spec: AdamSpec, state: AnyAdamState, ref: Leaf, params: Leaf
                 _check_blocks(spec, f, path, x, p)
 
 
-def _check_blocks(spec: AdamSpec, field: str, path: str, x: Leaf, p: Leaf) -> None:
-    """Codes shaped like ``p`` and scales of :func:`adamx._quantize.scale_shape`, or the first 8-bit
+def _layout(x: Leaf) -> list[tuple[tuple[int, ...], str]]:
+    return [(tuple(int(d) for d in jnp.shape(a)), jnp.dtype(a.dtype).name) for a in (x.codes, x.scales)]
+
+
+def _format_of(spec: AdamSpec, field: StateField, shape: tuple[int, ...], got: list[Leaf]) -> str:
+    """`` (it looks like moment_format='fp8')`` when another registered format has the layout ``got``."""
+    for fmt in _codecs.FORMATS:
+        if fmt == spec.moment_format:
+            continue
+        c = _codecs.codec(fmt, field, spec.quantize_block_size, 1)
+        if _layout(c.state_shapes(shape)) == got:
+            return f" (it looks like moment_format={fmt!r})"
+    return ""
+
+
+def _check_blocks(spec: AdamSpec, field: StateField, path: str, x: Leaf, p: Leaf) -> None:
+    """Codes and scales of this spec's codec (``state_shapes``); for ``dynamic8`` also the first 8-bit
     layout of the same blocks (1-D codes and scales), which the step converts."""
     shape = tuple(int(d) for d in jnp.shape(p))
     n = int(np.prod(shape, dtype=np.int64))
-    ss = _quantize.scale_shape(shape, spec.quantize_block_size)
-    nb = int(np.prod(ss, dtype=np.int64))
-    got = [(tuple(jnp.shape(a)), jnp.dtype(a.dtype).name) for a in (x.codes, x.scales)]
-    want = [(shape, "uint8"), (ss, "float32")]
-    if got != want and got != [((n,), "uint8"), ((nb,), "float32")]:
-        raise ValueError(
-            f"state field `{field}` at '{path}' holds 8-bit codes and scales {got}, this optimizer "
-            f"(quantize_block_size={spec.quantize_block_size}) needs {want}: the state was built with another "
-            f"block size or for other params; {_REBUILD}."
-        )
+    want = _layout(spec.codec(field).state_shapes(shape))
+    got = _layout(x)
+    if got == want:
+        return
+    if spec.moment_format == "dynamic8":
+        nb = int(np.prod(want[1][0], dtype=np.int64))
+        if got == [((n,), "uint8"), ((nb,), "float32")]:
+            return
+    raise ValueError(
+        f"state field `{field}` at '{path}' holds {'8-bit ' if spec.moment_format == 'dynamic8' else ''}codes and "
+        f"scales {got}, this optimizer "
+        f"(moment_format={spec.moment_format!r}, quantize_block_size={spec.quantize_block_size}) needs {want}"
+        f"{_format_of(spec, field, shape, got)}: the state was built with another moment format or block size, "
+        f"or for other params; {_REBUILD}."
+    )
 
 
 def _check_flat(spec: AdamSpec, state: AnyAdamState, leaves: list[Leaf], quantized: list[bool]) -> None:

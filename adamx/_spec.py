@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _decay, _hyper, _tree, schedules
+from adamx import _codecs, _decay, _hyper, _tree, schedules
 from adamx._types import DType, KerasConfig, PyTree, Scalar, ScalarOrSchedule
 
 ClipMode = Literal["none", "norm", "global_norm", "value"]
@@ -50,6 +50,7 @@ KERAS3_KEYS = (
     "epsilon",
     "amsgrad",
 )
+MomentFormat = Literal["dynamic8", "fp8", "4bit"]  # and any name adamx._codecs.register adds
 ParamRounding = Literal["nearest", "kahan", "stochastic"]
 PARAM_ROUNDINGS: tuple[ParamRounding, ...] = ("nearest", "kahan", "stochastic")
 _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
@@ -58,9 +59,10 @@ _CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 # (written when set, with include_adamx=True), or nowhere (a set value cannot be written).
 ConfigKey = Literal["keras", "adamx", "none"]
 # What the fused kernel does with a field: "any" value runs fused; "moment_dtype" and
-# "acc_dtype": the dtypes the kernel keeps run fused (adamx.fused._plan checks them);
+# "acc_dtype": the dtypes the kernel keeps run fused (adamx.fused._plan checks them); "moment_format":
+# the formats whose codec has a kernel tag run fused;
 # "fallback": the kernel does not implement it, a non-default value takes the reference step.
-FusedSupport = Literal["any", "moment_dtype", "acc_dtype", "fallback"]
+FusedSupport = Literal["any", "moment_dtype", "acc_dtype", "moment_format", "fallback"]
 # What a field holds; a config writes each kind its own way (see Option.to_config).
 Kind = Literal["number", "count", "flag", "int", "dtype", "choice", "str", "patterns", "mask"]
 Check = Callable[[str, Any], None]
@@ -358,6 +360,7 @@ class AdamOptions(TypedDict, total=False):
     quantize_block_size: int
     quantize_min_size: int
     quantize_mask: _decay.MaskOrFn
+    moment_format: MomentFormat
 
 
 def _mask_leaves(params: PyTree, mask: _decay.MaskOrFn, name: str) -> list[bool]:
@@ -411,6 +414,13 @@ class AdamSpec:
       moments (``mu_dtype``/``nu_dtype`` apply to them). With ``flat_state=True`` the codes
       of the 8-bit leaves sit in one ``uint8`` buffer and their scales in one more
       (each leaf keeps its own blocks; adamx/_flat.py).
+    - ``moment_format``: how ``quantize_moments=True`` stores the moments (adamx/_codecs.py,
+      docs/quantized_state.md): ``"dynamic8"`` (default, the 8-bit dynamic maps above),
+      ``"fp8"`` (torchao ``AdamFp8``: e4m3fn codes, one scale per 256 elements) or ``"4bit"``
+      (torchao ``Adam4bit``: packed 4-bit codes, one scale per 128). fp8 and 4bit use their
+      fixed blocks (``quantize_block_size`` must stay 256 or be that block), take only leaves
+      that are a whole number of blocks, run on the reference step (not fused) and do not
+      combine with ``flat_state=True``.
 
     Frozen: build a changed copy with ``dataclasses.replace(spec, ...)`` (validated again).
     Numeric options may be traced values (``optax.inject_hyperparams`` passes them); those
@@ -476,6 +486,16 @@ class AdamSpec:
         keyword=True,
         no_config="give it to adamx.adam after reading the config",
     )
+    moment_format: MomentFormat = option(
+        "dynamic8",
+        kind="choice",
+        check=_codecs.check_format,
+        config="adamx",
+        fused="moment_format",
+        example="fp8",
+        keyword=True,
+        only_with="quantize_moments",
+    )
     name: str = _keras("adam", "str", _name, "my_adam")
 
     @classmethod
@@ -496,6 +516,32 @@ class AdamSpec:
             )
         for name, opt in options_table(type(self)).items():
             opt.check(name, getattr(self, name))
+        self._check_moment_format()
+
+    def _check_moment_format(self) -> None:
+        """``moment_format`` needs ``quantize_moments``; a fixed-block format refuses another block size
+        and, unless it can, ``flat_state``."""
+        fmt = self.moment_format
+        if fmt == "dynamic8":
+            return
+        if not self.quantize_moments:
+            raise ValueError(
+                f"`moment_format={fmt!r}` stores quantized moments: set `quantize_moments=True` with it "
+                "(or leave moment_format at 'dynamic8')."
+            )
+        spec = _codecs.FORMATS[fmt]
+        bs, default_bs = self.quantize_block_size, type(self).__dataclass_fields__["quantize_block_size"].default
+        if spec.block_size is not None and bs not in (default_bs, spec.block_size):
+            raise ValueError(
+                f"`quantize_block_size={bs}` does not apply to `moment_format={fmt!r}`, whose blocks are "
+                f"{spec.block_size} elements (torchao's): leave quantize_block_size at {default_bs} or set it "
+                f"to {spec.block_size}."
+            )
+        if self.flat_state and not spec.flat:
+            raise ValueError(
+                f"`moment_format={fmt!r}` cannot be stored with `flat_state=True` (flat buffers hold 8-bit "
+                "dynamic codes only): use flat_state=False, or moment_format='dynamic8'."
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -548,12 +594,17 @@ class AdamSpec:
         kahan: tuple[StateField, ...] = ("comp",) if self.param_rounding == "kahan" else ()
         return tuple(f for f in STATE_FIELDS if on[f]) + kahan
 
-    def quantized_leaves(self, params: PyTree) -> list[bool]:
-        """Which leaves of ``params`` keep 8-bit ``mu``/``nu``/``nu_max`` (leaf order).
+    def codec(self, field: StateField) -> _codecs.MomentCodec:
+        """The :class:`adamx._codecs.MomentCodec` of ``field`` (``mu``, ``nu``, ``nu_max``) in ``moment_format``."""
+        return _codecs.codec(self.moment_format, field, self.quantize_block_size, self.quantize_min_size)
 
-        A leaf is quantized when ``quantize_moments`` is on, it has at least
-        ``quantize_min_size`` elements, its dtype is floating, and ``quantize_mask``
-        (``True`` = quantize) allows it.
+    def quantized_leaves(self, params: PyTree) -> list[bool]:
+        """Which leaves of ``params`` keep quantized ``mu``/``nu``/``nu_max`` (leaf order).
+
+        A leaf is quantized when ``quantize_moments`` is on, the codec of ``moment_format``
+        takes its shape (at least ``quantize_min_size`` elements; fp8/4bit: also a whole
+        number of blocks), its dtype is floating, and ``quantize_mask`` (``True`` = quantize)
+        allows it.
         """
         leaves = jax.tree_util.tree_leaves(params)
         if not self.quantize_moments:
@@ -561,9 +612,10 @@ class AdamSpec:
         on = [True] * len(leaves)
         if self.quantize_mask is not None:
             on = _mask_leaves(params, self.quantize_mask, "quantize_mask")
+        c = self.codec("mu")
         return [
             bool(q)
-            and int(np.prod(jnp.shape(p), dtype=np.int64)) >= self.quantize_min_size
+            and c.applies(tuple(int(d) for d in jnp.shape(p)))
             and jnp.issubdtype(jnp.result_type(p), jnp.floating)
             for q, p in zip(on, leaves)
         ]

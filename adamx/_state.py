@@ -81,13 +81,12 @@ def code_map(field: StateField) -> Leaf:
 
 
 def _quantized_tree(spec: AdamSpec, field: StateField, params: optax.Params) -> Leaf:
-    """A moment field with ``quantize_moments``: quantized zeros on the quantized leaves, zeros elsewhere."""
+    """A moment field with ``quantize_moments``: the codec's zero state (``spec.codec(field)``, in
+    ``moment_format``) on the quantized leaves, zeros elsewhere."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     on = spec.quantized_leaves(params)
-    out = [
-        _quantize.quantized_zeros(p, code_map(field), spec.quantize_block_size) if q else _buffer(spec, field, p)
-        for p, q in zip(leaves, on)
-    ]
+    c = spec.codec(field)
+    out = [c.zeros(p) if q else _buffer(spec, field, p) for p, q in zip(leaves, on)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import optax
 
 from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _rounding, _tree
-from adamx._spec import AdamSpec, StateField
-from adamx._state import AdamState, AnyAdamState, KahanAdamState, code_map, layout, next_state, tree_views
+from adamx._codecs import MomentCodec
+from adamx._spec import AdamSpec
+from adamx._state import AdamState, AnyAdamState, KahanAdamState, layout, next_state, tree_views
 from adamx._types import Leaf
 
 CLIP_CODES = {"none": 0, "norm": 1, "global_norm": 2, "value": 3}
@@ -168,27 +169,24 @@ def one_rounding(xs: Leaf) -> Leaf:
     return jax.lax.platform_dependent(xs, cpu=jax.lax.optimization_barrier, default=lambda v: v)
 
 
-def moments_8bit(sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, block_size: int) -> tuple[Leaf, Leaf, Leaf, Leaf]:
-    """:func:`moments` on a unit whose moments may be :class:`adamx.QuantizedArray`: dequantize
-    (to float32), the float32 step, requantize (``quantize_moments=True``; docs/quantized_state.md).
-
-    ``mu`` uses the signed dynamic map, ``nu`` and ``nu_max`` the unsigned one. The direction
-    uses this step's float32 moments; only what is stored is rounded (as bitsandbytes does).
+def moments_coded(
+    sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, codecs: Sequence[MomentCodec]
+) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+    """:func:`moments` on a unit whose moments may be coded (:class:`adamx.QuantizedArray`,
+    ``quantize_moments=True``; docs/quantized_state.md): decode (to float32), the float32 step,
+    encode, with ``codecs`` the :class:`adamx._codecs.MomentCodec` of ``mu``, ``nu``, ``nu_max``
+    (``spec.codec(field)``: for ``dynamic8`` the signed map for ``mu``, the unsigned one for the
+    others). The direction uses this step's float32 moments; only what is stored is rounded (as
+    bitsandbytes and torchao do).
     """
     qs = [isinstance(x, _quantize.QuantizedArray) for x in (m, v, v_max)]
     if g is None or not any(qs):
         return moments(sc, g, m, v, v_max)
-    names: tuple[StateField, ...] = ("mu", "nu", "nu_max")
-    m32, v32, x32 = (
-        _quantize.dequantize(x, code_map(f), g.shape, block_size) if q else x
-        for x, q, f in zip((m, v, v_max), qs, names)
-    )
+    m32, v32, x32 = (c.decode(x, g.shape) if q else x for x, q, c in zip((m, v, v_max), qs, codecs))
     d, m2, v2, x2 = moments(sc, g, m32, v32, x32)
     # The new moments feed the direction, the block absmax and the codes: one rounding on CPU.
     d, m2, v2, x2 = one_rounding((d, m2, v2, x2))
-    m2, v2, x2 = (
-        _quantize.quantize(x, code_map(f), block_size) if q else x for x, q, f in zip((m2, v2, x2), qs, names)
-    )
+    m2, v2, x2 = (c.encode(x) if q else x for x, q, c in zip((m2, v2, x2), qs, codecs))
     return d, m2, v2, x2
 
 
@@ -262,9 +260,9 @@ def direction(
         if k is not None:
             g_u, acc = window_mean(spec, g_u, st.acc)
         g_u = clip(spec, g_u, split, join)
-        bs = spec.quantize_block_size
+        cs = [spec.codec(f) for f in ("mu", "nu", "nu_max")] if spec.quantize_moments else []
         d_u, mu, nu, nm = (
-            list(x) for x in zip(*(moments_8bit(sc, *a, block_size=bs) for a in zip(g_u, st.mu, st.nu, st.nu_max)))
+            list(x) for x in zip(*(moments_coded(sc, *a, codecs=cs) for a in zip(g_u, st.mu, st.nu, st.nu_max)))
         )
         return (d_u if finish is None else finish(d_u, sc)), Moments(acc, mu, nu, nm)
 

@@ -25,6 +25,7 @@ LAYERS = [
     [
         "adamx._quantize",
         "adamx._lowbit",
+        "adamx._codecs",
         "adamx._flat",
         "adamx._clipping",
         "adamx._decay",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _checks, _quantize, _state, _tree
+from adamx import _checks, _codecs, _quantize, _state, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec, FusedSupport, options_table
 from adamx._state import AdamState, AnyAdamState, KahanAdamState
@@ -52,11 +52,18 @@ def _acc_dtype(value: DType | None) -> str | None:
     return f"unsupported accumulator dtype ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
 
 
+def _moment_format(value: str) -> str | None:
+    if _codecs.codec(value, "mu", 256, 4096).kernel == "dynamic8":
+        return None
+    return f"moment_format={value!r} has no fused kernel (only 'dynamic8'); the reference step runs it"
+
+
 # What each decision of the spec's table means here; "fallback" fields are left out of SUPPORTED.
 DECISIONS: dict[FusedSupport, OptionCheck | None] = {
     "any": _any,
     "moment_dtype": _moment_dtype,  # type: ignore[dict-item]
     "acc_dtype": _acc_dtype,  # type: ignore[dict-item]
+    "moment_format": _moment_format,  # type: ignore[dict-item]
     "fallback": None,
 }
 
