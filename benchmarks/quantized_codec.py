@@ -26,7 +26,6 @@ import platform
 import subprocess
 import tempfile
 
-import jax
 import numpy as np
 
 from adamx._quantize import SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP
@@ -47,9 +46,8 @@ def main() -> None:
         np.concatenate([SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP]).astype(np.float32).tofile(maps)
         exe = os.path.join(tmp, "quantized_codec")
         fl = [x for x in _build.flags() if x not in ("-shared", "-fPIC")]
-        cmd = [cxx, *fl, "-isystem", jax.ffi.include_dir(), "-I", _build.INCLUDE_DIR,
-               "-I", os.path.dirname(_build.SOURCE), os.path.join(HERE, "cpp", "quantized_codec.cc"), "-o", exe,
-               "-lpthread"]  # fmt: skip
+        src = os.path.join(HERE, "cpp", "quantized_codec.cc")
+        cmd = [*_build.command(cxx, fl, exe, src, extra=["-I", os.path.dirname(_build.SOURCE)]), "-lpthread"]
         subprocess.run(cmd, check=True)
         load_before = os.getloadavg()
         res = json.loads(subprocess.run([exe, maps, str(args.n)], check=True, capture_output=True, text=True).stdout)
