@@ -28,21 +28,22 @@ test: lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 ADAMX_KERNEL_WERROR=1 $(VENV)/bin/pytest -q
 
 bench: $(VENV)/.bench
-	$(PY) benchmarks/run.py
-	$(PY) benchmarks/convergence.py
+	$(PY) -m benchmarks run
+	$(PY) -m benchmarks convergence
 
+# every benchmark is `python -m benchmarks <name> [args]` (`--list` names them)
 # the feature benchmarks: lazy rows, loss scaling, bf16 param rounding, 8-bit state (about 25 minutes)
 bench-features: $(VENV)/.bench
-	PYTHONPATH=. $(PY) benchmarks/lazy.py
-	PYTHONPATH=. $(PY) benchmarks/loss_scale.py
-	PYTHONPATH=. $(PY) benchmarks/mixed_precision.py
-	PYTHONPATH=. $(PY) benchmarks/quantized_convergence.py
-	PYTHONPATH=. $(PY) benchmarks/quantized_speed.py
-	PYTHONPATH=. $(PY) benchmarks/quantized_codec.py
+	$(PY) -m benchmarks lazy
+	$(PY) -m benchmarks loss_scale
+	$(PY) -m benchmarks mixed_precision
+	$(PY) -m benchmarks quantized_convergence
+	$(PY) -m benchmarks quantized_speed
+	$(PY) -m benchmarks quantized_codec
 
 bench-quick: $(VENV)/.bench
-	$(PY) benchmarks/run.py --quick
-	$(PY) benchmarks/convergence.py --quick --out benchmarks/results/quick
+	$(PY) -m benchmarks run --quick
+	$(PY) -m benchmarks convergence --quick --out benchmarks/results/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
