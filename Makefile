@@ -3,12 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench bench-quick bench-features clean
+.PHONY: demo test lint docs bench bench-quick bench-features clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,examples]"
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[docs]"
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.base
@@ -24,8 +28,14 @@ lint: $(VENV)/.base
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 ADAMX_KERNEL_WERROR=1 $(VENV)/bin/pytest -q
+# the docs site: docs/*.md and the API reference from the docstrings, into site/ (warnings are errors)
+docs: $(VENV)/.docs
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs site
+
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 ADAMX_REQUIRE_FUSED=1 ADAMX_KERNEL_WERROR=1
+
+test: lint docs
+	$(TEST_ENV) $(VENV)/bin/pytest -q
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks run
