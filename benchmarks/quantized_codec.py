@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import tempfile
 
-import jax
 import numpy as np
 
 from adamx._quantize import SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP
 from adamx.fused import _build
+from benchmarks import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,22 +46,25 @@ def main() -> None:
         np.concatenate([SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP]).astype(np.float32).tofile(maps)
         exe = os.path.join(tmp, "quantized_codec")
         fl = [x for x in _build.flags() if x not in ("-shared", "-fPIC")]
-        cmd = [cxx, *fl, "-isystem", jax.ffi.include_dir(), "-I", _build.INCLUDE_DIR,
-               "-I", os.path.dirname(_build.SOURCE), os.path.join(HERE, "cpp", "quantized_codec.cc"), "-o", exe,
-               "-lpthread"]  # fmt: skip
+        src = os.path.join(HERE, "cpp", "quantized_codec.cc")
+        cmd = [*_build.command(cxx, fl, exe, src, extra=["-I", os.path.dirname(_build.SOURCE)]), "-lpthread"]
         subprocess.run(cmd, check=True)
         load_before = os.getloadavg()
         res = json.loads(subprocess.run([exe, maps, str(args.n)], check=True, capture_output=True, text=True).stdout)
         load_after = os.getloadavg()
     res.pop("sink")
-    res.update(n=args.n, load_before=load_before[0], load_after=load_after[0], machine=platform.machine(),
-               processor=_build._cpu_id().splitlines()[0] if _build._cpu_id() else platform.processor(),
-               compiler=subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
-               flags=" ".join(fl))  # fmt: skip
     print(json.dumps(res, indent=1))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    vbmi = res.pop("vbmi")  # which decoder this CPU ran; the rest are ns per element
+    rows = [{"piece": k, "ns_per_element": v} for k, v in res.items()]
+    compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    summary = {
+        "vbmi": vbmi,
+        "load_before": load_before[0],
+        "load_after": load_after[0],
+        "compiler": compiler,
+        "flags": " ".join(fl),
+    }
+    record.write(args.out, "quantized_codec", rows, {"n": args.n}, summary)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ the trace and XLA compile time of ``opt.apply_gradients`` (the fused kernel) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import adamx
+from benchmarks import record
 
 CONFIGS = {
     "float32 tree": {},
@@ -52,10 +52,8 @@ def main() -> None:
             t2 = time.perf_counter()
             rows.append({"config": name, "path": path, "trace_s": t1 - t0, "compile_s": t2 - t1})
             print(f"{name:13s} {path:16s} trace {t1 - t0:7.2f} s   compile {t2 - t1:7.2f} s", flush=True)
-    out = {"leaves": args.leaves, "leaf_size": 8192, "rows": rows, "load_before": load_before,
-           "load_after": os.getloadavg(), "jax": jax.__version__}  # fmt: skip
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    summary = {"load_before": load_before, "load_after": os.getloadavg()}
+    record.write(args.out, "quantized_compile", rows, {"leaves": args.leaves, "leaf_size": 8192}, summary)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ bytes per parameter (``adamx.state_bytes_per_param``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import jax
 
 import adamx
+from benchmarks import record
 
 
 def setup(opt: adamx.Adam, n: int, leaves: int = 1) -> tuple[Any, Any, Any, Any, float]:
@@ -78,21 +77,9 @@ def main() -> None:
         if name not in ("float32", "8-bit"):
             r = statistics.median(q / f for q, f in zip(times[name], times["float32"]))
             print(f"{name} / float32 step time: {r:.2f}x")
-    out = {
-        "n": args.n,
-        "leaves": args.leaves,
-        "reps": args.reps,
-        "rows": rows,
-        "ratio": ratio,
-        "pair_ratios": ratios,
-        "load_before": load_before,
-        "load_after": load_after,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "jax": jax.__version__,
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    params = {"n": args.n, "leaves": args.leaves, "reps": args.reps}
+    summary = {"ratio": ratio, "pair_ratios": ratios, "load_before": load_before, "load_after": load_after}
+    record.write(args.out, "quantized_speed", [{"config": k, **v} for k, v in rows.items()], params, summary)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ LAYERS = [
     ["adamx._spec"],
     ["adamx._state", "adamx._checks"],
     ["adamx._step"],
-    ["adamx.fused._build", "adamx.fused._plan", "adamx.fused._kernel", "adamx.fused"],
+    ["adamx.fused._build", "adamx.fused._plan", "adamx.fused._kernel", "adamx.fused", "adamx.fused.__main__"],
     ["adamx._adam"],
     ["adamx._tf1", "adamx._lazy", "adamx._loss_scale"],
     ["adamx._config", "adamx.sharding"],

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +19,10 @@ import adamx
 from adamx import _quantize as Q
 from tests import reference_quant as R
 from tests.conftest import REFERENCE_DIR
+from tests.cpp import BUILDS, compile_library
 
 MAPS = {"signed": Q.SIGNED_DYNAMIC_MAP, "unsigned": Q.UNSIGNED_DYNAMIC_MAP}
 EPS32 = float(np.finfo(np.float32).eps)
-HEADER = os.path.join(os.path.dirname(adamx.__file__), "_quant8.h")
 
 
 def wide_data(n: int, signed: bool, seed: int = 0) -> np.ndarray:
@@ -330,42 +328,6 @@ def test_bad_arguments_raise_clear_errors():
 # ----------------------------------------------------------------------------------- C++ header
 
 
-_CPP = r"""
-#include <algorithm>
-#include <memory>
-#include "_quant8.h"
-extern "C" {
-void q8_encode(const float* map, const float* x, std::size_t n, std::size_t bs, std::uint8_t* codes, float* scales) {
-  adamx::quant8::encode(map, x, n, bs, codes, scales);
-}
-void q8_encode_block(const float* map, const float* x, std::size_t count, std::uint8_t* codes, float* scale) {
-  adamx::quant8::encode_block(map, x, count, codes, scale);
-}
-void q8_decode(const float* map, const std::uint8_t* codes, const float* scales, std::size_t n, std::size_t bs,
-               float* out) {
-  for (std::size_t i = 0; i < n; ++i) out[i] = adamx::quant8::decode(map, codes, scales[i / bs], i);
-}
-int q8_zero_code(const float* map) { return adamx::quant8::zero_code(map); }
-// the kernel's encoder: TableEncoder (one lookup + one compare) and decode_block
-int q8_encode_table(const float* map, const float* x, std::size_t n, std::size_t bs, std::uint8_t* codes,
-                    float* scales) {
-  const auto enc = std::make_unique<adamx::quant8::TableEncoder>(map);
-  for (std::size_t start = 0, b = 0; start < n; start += bs, ++b)
-    adamx::quant8::encode_block(*enc, x + start, std::min(bs, n - start), codes + start, scales + b);
-  return enc->fast ? 1 : 0;
-}
-// the kernel's decoder: TableDecoder (byte-plane permutes under AVX-512 VBMI, else the loop)
-void q8_decode_blocks(const float* map, const std::uint8_t* codes, const float* scales, std::size_t n,
-                      std::size_t bs, float* out) {
-  const auto dec = std::make_unique<adamx::quant8::TableDecoder>(map);
-  for (std::size_t start = 0, b = 0; start < n; start += bs, ++b)
-    adamx::quant8::decode_block(*dec, codes + start, scales[b], std::min(bs, n - start), out + start);
-}
-int q8_vbmi() { return ADAMX_QUANT8_VBMI; }
-}
-"""
-
-
 def _cpu_has_vbmi() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -374,25 +336,9 @@ def _cpu_has_vbmi() -> bool:
         return False
 
 
-# "portable": the header as any C++17 compiler builds it (the plain loops); "native": as the
-# fused kernel builds it (-O3 -march=native: the AVX-512 VBMI decoder where the CPU has it).
-BUILDS = {"portable": ["-O2"], "native": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"]}
-
-
 @pytest.fixture(scope="module", params=sorted(BUILDS))
 def quant8_lib(request, tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.fail("g++ not found: the C++ header adamx/_quant8.h must be compiled and checked (install g++)")
-    d = tmp_path_factory.mktemp("quant8")
-    src = d / "quant8_test.cc"
-    src.write_text(_CPP)
-    lib = d / "libquant8_test.so"
-    cmd = [cxx, *BUILDS[request.param], "-Wall", "-Wextra", "-Werror", "-std=c++17", "-shared", "-fPIC",
-           "-I", os.path.dirname(HEADER), str(src), "-o", str(lib)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
-    so = ctypes.CDLL(str(lib))
+    so = compile_library("quant8_test", request.param, tmp_path_factory.mktemp("quant8"))
     f, u8, sz = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t
     so.q8_encode.argtypes = [f, f, sz, sz, u8, f]
     so.q8_encode_block.argtypes = [f, f, sz, u8, f]

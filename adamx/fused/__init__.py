@@ -21,7 +21,8 @@ happens in the donated buffers.
 
 Layout: ``kernel.cc`` (the C++ kernel, package data), ``_build`` (compile, cache, load,
 check the scalar layout), ``_plan`` (which options and arrays the kernel takes, and why
-not), ``_kernel`` (the ``jax.ffi`` calls). ``ADAMX_FUSED=0`` switches the kernel off.
+not), ``_kernel`` (the ``jax.ffi`` calls), ``__main__`` (``python -m adamx.fused build``: the
+kernel built on its own, with the loader's command). ``ADAMX_FUSED=0`` switches the kernel off.
 """
 
 from __future__ import annotations

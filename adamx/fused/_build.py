@@ -18,7 +18,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 
@@ -70,10 +71,34 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def flags() -> list[str]:
-    """The compiler flags: optimisation, warnings, and ``-Werror`` under ``ADAMX_KERNEL_WERROR=1``."""
-    werror = os.environ.get("ADAMX_KERNEL_WERROR", "0").lower() in ("1", "true", "yes", "on")
-    return [*CXXFLAGS, *WARNINGS, *(["-Werror"] if werror else [])]
+def _werror_from_env() -> bool:
+    return os.environ.get("ADAMX_KERNEL_WERROR", "0").lower() in ("1", "true", "yes", "on")
+
+
+def flags(*, werror: bool | None = None, debug: bool = False, sanitize: Sequence[str] = ()) -> list[str]:
+    """The compiler flags: optimisation, warnings, and ``-Werror``.
+
+    Args:
+      werror: make warnings errors; ``None`` (the loader's choice) reads ``ADAMX_KERNEL_WERROR=1``.
+      debug: ``-O0 -g`` instead of ``-O3`` (for a debugger; ``python -m adamx.fused build --debug``).
+      sanitize: sanitizers for ``-fsanitize=`` (``"address"``, ``"undefined"``), with frame pointers kept.
+    """
+    if werror is None:
+        werror = _werror_from_env()
+    base = [f for f in CXXFLAGS if not (debug and f == "-O3")]
+    extra = ["-O0", "-g"] if debug else []
+    if sanitize:
+        extra += [f"-fsanitize={','.join(sanitize)}", "-fno-omit-frame-pointer"]
+    return [*base, *extra, *WARNINGS, *(["-Werror"] if werror else [])]
+
+
+def command(cxx: str, fl: Sequence[str], output: str, source: str = SOURCE, extra: Sequence[str] = ()) -> list[str]:
+    """The compiler command that builds ``source`` (``kernel.cc``, or a program including it) into ``output``.
+
+    The one command line of the loader, ``python -m adamx.fused build`` and the benchmarks.
+    ``-isystem``: warnings in XLA's FFI headers are theirs; ours must be clean.
+    """
+    return [cxx, *fl, "-isystem", jax.ffi.include_dir(), "-I", INCLUDE_DIR, *extra, source, "-o", output]
 
 
 def _build_key(cxx: str, source: str, fl: list[str]) -> str:
@@ -90,37 +115,75 @@ def _build_key(cxx: str, source: str, fl: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def build() -> str:
-    """Compile ``kernel.cc`` (or find it in the cache); returns the shared library's path."""
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    with open(SOURCE) as f:
-        source = f.read()
-    for header in HEADERS:  # the build key covers the included headers too
-        with open(header) as f:
-            source += "\0" + f.read()
-    fl = flags()
+class BuildError(RuntimeError):
+    """The compiler failed: ``command`` is what ran, ``stderr`` what it said."""
+
+    def __init__(self, command: list[str], stderr: str) -> None:
+        super().__init__(f"compiling the fused kernel failed ({' '.join(command)}):\n{stderr[-4000:]}")
+        self.command = command
+        self.stderr = stderr
+
+
+class Build(NamedTuple):
+    """One kernel build: the shared library, the command (``None`` from the cache) and the compiler's output."""
+
+    path: str
+    command: list[str] | None
+    stderr: str
+
+
+def _out_dir() -> str:
     out_dir = _cache_dir()
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError:
         out_dir = os.path.join(tempfile.gettempdir(), f"adamx-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
         os.makedirs(out_dir, exist_ok=True)
-    so = os.path.join(out_dir, f"adamx_fused_{_build_key(cxx, source, fl)}.so")
-    if os.path.exists(so):
-        return so
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    return out_dir
+
+
+def compiler() -> str:
+    """The C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++`` on the path)."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    return cxx
+
+
+def cached_path(fl: Sequence[str], source: str = SOURCE) -> str:
+    """Where the build of ``source`` with flags ``fl`` is cached (its name is the build key)."""
+    with open(source) as f:
+        text = f.read()
+    for header in HEADERS:  # the build key covers the included headers too
+        with open(header) as f:
+            text += "\0" + f.read()
+    return os.path.join(_out_dir(), f"adamx_fused_{_build_key(compiler(), text, list(fl))}.so")
+
+
+def compile_kernel(fl: Sequence[str], source: str = SOURCE, force: bool = False) -> Build:
+    """Compile ``source`` with flags ``fl`` into the cache (unless cached and not ``force``).
+
+    Raises :class:`BuildError` (with the command and the compiler's errors) when the compiler fails.
+    """
+    so = cached_path(fl, source)
+    if os.path.exists(so) and not force:
+        return Build(so, None, "")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(so)) as tmp:
         tmp_so = os.path.join(tmp, "adamx_fused.so")
-        # -isystem: warnings in XLA's FFI headers are theirs; ours must be clean
-        cmd = [cxx, *fl, "-isystem", jax.ffi.include_dir(), "-I", INCLUDE_DIR, SOURCE, "-o", tmp_so]
+        cmd = command(compiler(), fl, tmp_so, source)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
-            raise RuntimeError(f"compiling the fused kernel failed ({' '.join(cmd)}):\n{r.stderr[-4000:]}")
-        if r.stderr.strip():
-            log.warning("adamx: compiler warnings in the fused kernel:\n%s", r.stderr[-4000:])
+            raise BuildError(cmd, r.stderr)
         os.replace(tmp_so, so)  # atomic: concurrent builders all end with a complete file
-    return so
+    return Build(so, cmd, r.stderr)
+
+
+def build() -> str:
+    """Compile ``kernel.cc`` (or find it in the cache); returns the shared library's path."""
+    b = compile_kernel(flags())
+    if b.stderr.strip():
+        log.warning("adamx: compiler warnings in the fused kernel:\n%s", b.stderr[-4000:])
+    return b.path
 
 
 def check_layout(names: str) -> None:
