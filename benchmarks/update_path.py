@@ -77,9 +77,7 @@ def step_ratio(n: int, reps: int) -> dict:
     g = jax.tree.map(lambda x: x * 1e-2, params)
     f32, q8 = adamx.adam(1e-3), adamx.adam(1e-3, quantize_moments=True)
     copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 - donation: each run its own buffers
-    return paired(
-        (_step(f32), copy(params), f32.init(params)), (_step(q8), copy(params), q8.init(params)), g, reps
-    )
+    return paired((_step(f32), copy(params), f32.init(params)), (_step(q8), copy(params), q8.init(params)), g, reps)
 
 
 def compile_ratio(leaves: int) -> dict:
@@ -132,8 +130,10 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     s, c, r = res["step"], res["compile"], res["stochastic"]
-    print(f"| ratio | measured | goal |\n|---|---|---|")
-    print(f"| 8-bit / float32 `update` step, {args.n} params | {s['ratio']:.2f}x ({s['b_ms']:.1f} / {s['a_ms']:.1f} ms) | <= 3x |")
+    print("| ratio | measured | goal |\n|---|---|---|")
+    print(
+        f"| 8-bit / float32 `update` step, {args.n} params | {s['ratio']:.2f}x ({s['b_ms']:.1f} / {s['a_ms']:.1f} ms) | <= 3x |"
+    )
     print(
         f"| 8-bit / float32 compile, {args.leaves} leaves | {c['ratio']:.2f}x "
         f"({c['8-bit']['per_leaf_ms']:.1f} / {c['float32']['per_leaf_ms']:.1f} ms per leaf) | <= 2x |"
