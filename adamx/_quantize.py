@@ -433,12 +433,6 @@ def _block_max(bits: jax.Array, block_size: int) -> jax.Array:
     return jnp.max(_blocks(bits, block_size), axis=-1)
 
 
-def _spread(per_block: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
-    """A value per block (:func:`scale_shape`) repeated onto the elements of a leaf of ``shape``."""
-    full = jnp.broadcast_to(per_block[..., None], tuple(per_block.shape) + (block_size,))
-    return _unblocks(full, shape)  # a broadcast and a reshape: no gather (jnp.repeat would gather)
-
-
 def _abs_bits(x: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & jnp.int32(0x7FFFFFFF)
     return jnp.where(bits < jnp.int32(0x00800000), jnp.int32(0), bits)  # |x| < FLT_MIN counts as 0
@@ -474,20 +468,20 @@ def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> Quant
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
-    xf = x.astype(jnp.float32)
-    xf = jnp.where(jnp.abs(xf) < FLT_MIN, jnp.float32(0), xf)  # subnormal inputs count as 0
-    scales = block_absmax(xf, bs)
+    blocks = _blocks(x.astype(jnp.float32), bs)
+    blocks = jnp.where(jnp.abs(blocks) < FLT_MIN, jnp.float32(0), blocks)  # subnormal inputs count as 0
+    scales = _scale_of(jnp.max(_abs_bits(blocks), axis=-1))
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
-    y = xf * _spread(jnp.float32(1) / divisor, tuple(x.shape), bs)
+    y = blocks * (jnp.float32(1) / divisor)[..., None]
     signed = _dynamic_kind(c)
     if signed is not None:
         idx = dynamic_encode(y, signed)
     else:
         idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
         idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
-    return QuantizedArray(_like(idx.astype(jnp.uint8), x), scales)
+    return QuantizedArray(_like(_unblocks(idx.astype(jnp.uint8), tuple(x.shape)), x), scales)
 
 
 def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
@@ -517,9 +511,9 @@ def dequantize(
     codes, scales = as_layout(q, shape, bs)
     signed = _dynamic_kind(c)
     values = dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
-    values = values * _spread(scales.astype(jnp.float32), shape, bs)
+    values = _blocks(values, bs) * scales.astype(jnp.float32)[..., None]
     values = jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values)
-    return values.astype(dtype)
+    return _unblocks(values, shape).astype(dtype)
 
 
 def as_layout(q: QuantizedArray, shape: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
