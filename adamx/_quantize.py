@@ -257,8 +257,8 @@ def num_blocks(size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
 # in float32 (N < 2**12), so N * hi_k + N * lo_k rounds once whether or not a backend contracts it
 # into an FMA: both roundings equal the map for all 256 codes (checked at import, below).
 # Encoding compares |y| with the 8 midpoints between decades (exact, they are the map's own
-# float32 midpoints) to find the decade, estimates j from |y| * 10**(7-k), and corrects the
-# estimate by one step each way against the two intra-decade midpoints around it, computed as
+# float32 midpoints) to find the decade, estimates j a little low from |y| * 10**(7-k), and
+# corrects the estimate by one step up against the intra-decade midpoint above it, computed as
 # the map's: (v_j + v_{j+1}) * 0.5 in float32. Ties go to the lower code, as searchsorted's.
 
 
@@ -340,32 +340,27 @@ def dynamic_encode(y: jax.Array, signed: bool) -> jax.Array:
     y = y.astype(jnp.float32)
     a = jnp.abs(y)
     neg = jnp.signbit(y)
-    # decade: how many decade bounds lie below |y| (a negative tie goes to the larger magnitude,
-    # i.e. the lower code; the signed map has no -1.0, so a negative |y| stops at decade 6)
-    big = jnp.zeros(y.shape, jnp.int32)
-    for i, t in enumerate(bounds):
-        above = a > t
-        if signed:
-            above = jnp.where(neg, (a >= t) if i < 7 else False, above)
-        big = big + above.astype(jnp.int32)
+    if signed:
+        # a negative value's tie goes to the larger magnitude (the lower code): compare the next
+        # float up instead, since a >= t <=> next_up(a) > t (for finite a; NaN stays NaN)
+        up_one = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(a, jnp.int32) + 1, jnp.float32)
+        a = jnp.where(neg & (a < jnp.float32(np.inf)), up_one, a)
+    # decade: how many decade bounds lie below |y| (the signed map has no -1.0: a negative value
+    # stops at decade 6)
+    big = sum((a > t).astype(jnp.int32) for t in bounds)
     k = jnp.clip(big - 1, 0, 6)
     n = jnp.left_shift(jnp.int32(1), k + shift)
     nf = n.astype(jnp.float32)
-    t = (a * _pick(k, inv) - jnp.float32(1)) * (nf * np.float32(1.0 / 9.0))
+    # the index within the decade, estimated a little low (by 2**-8, far above the float32 errors
+    # of the estimate, ~1e-4): it is the nearest code's or one below, and one step up corrects it
+    t = (a * _pick(k, inv) - jnp.float32(1)) * (nf * np.float32(1.0 / 9.0)) - jnp.float32(2.0**-8)
     j0 = jnp.clip(jnp.floor(t), 0, nf - 1).astype(jnp.int32)
     hi, lo = _pick(k, hi_t), _pick(k, lo_t)
-    vm, v0, vp = _magnitude(n, j0 - 1, hi, lo), _magnitude(n, j0, hi, lo), _magnitude(n, j0 + 1, hi, lo)
-    mid_lo, mid_hi = (vm + v0) * jnp.float32(0.5), (v0 + vp) * jnp.float32(0.5)
-    if signed:
-        down = jnp.where(neg, a < mid_lo, a <= mid_lo)
-        up = jnp.where(neg, a >= mid_hi, a > mid_hi)
-    else:
-        down, up = a <= mid_lo, a > mid_hi
-    j = j0 - ((j0 >= 1) & down).astype(jnp.int32) + ((j0 <= n - 2) & up).astype(jnp.int32)
-    r = n + j
+    mid = (_magnitude(n, j0, hi, lo) + _magnitude(n, j0 + 1, hi, lo)) * jnp.float32(0.5)
+    r = n + j0 + ((j0 <= n - 2) & (a > mid)).astype(jnp.int32)
     if signed:
         c = jnp.where(neg, 127 - r, 127 + r)
-        return jnp.where(big == 0, 127, jnp.where(big == 8, 255, c))
+        return jnp.where(big == 0, 127, jnp.where((big == 8) & ~neg, 255, c))
     c = jnp.where(big == 0, 0, jnp.where(big == 8, 255, r - 1))
     return jnp.where(neg, 0, c)  # a negative value's nearest code in [0, 1] is 0
 
