@@ -7,6 +7,7 @@ PyTorch conventions differ only by options.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
@@ -30,23 +31,33 @@ def update_moments(
     c1: jax.Array,
     c2: jax.Array,
     form: MomentForm,
+    g2: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """New first and second moments, in the dtype of ``g``.
+    """New first and second moments, in the dtypes of ``m`` and ``v``.
 
     ``kernel`` (Keras 3, the TF ``ApplyAdam`` kernel): ``m + (g - m) * c1``,
-    ``v + (g*g - v) * c2``. ``textbook`` (optax, PyTorch, TF1's sparse path):
-    ``b1*m + c1*g``, ``b2*v + c2*g*g``. ``c1``, ``c2`` are ``1 - b1``, ``1 - b2`` as
-    the caller rounded them.
+    ``v + (g2 - v) * c2``. ``textbook`` (optax, PyTorch, TF1's sparse path):
+    ``b1*m + c1*g``, ``b2*v + c2*g2``. ``c1``, ``c2`` are ``1 - b1``, ``1 - b2`` as
+    the caller rounded them. ``g2`` is ``g*g`` unless given (a complex leaf passes the
+    real ``|g|^2``); the scalars are cast to each moment's dtype (no-ops for real leaves).
     """
+    g2 = g * g if g2 is None else g2
+    cm, cv = _caster(m), _caster(v)
     if form == "kernel":
-        return m + (g - m) * c1, v + (g * g - v) * c2
+        return m + (g - m) * cm(c1), v + (g2 - v) * cv(c2)
     assert b1 is not None and b2 is not None, "the textbook form needs b1 and b2"
-    return m * b1 + g * c1, v * b2 + (g * g) * c2
+    return m * cm(b1) + g * cm(c1), v * cv(b2) + g2 * cv(c2)
+
+
+def _caster(x: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """Casts to ``x``'s dtype (the first moment of a complex leaf is complex, its second moment real)."""
+    return lambda y: y.astype(x.dtype)
 
 
 def direction_hat(m: jax.Array, v: jax.Array, *, alpha: jax.Array, eps: jax.Array) -> jax.Array:
     """Keras/TF's step direction: ``(m * alpha) / (sqrt(v) + eps)``, ``eps`` is "epsilon hat"."""
-    return (m * alpha) / (jnp.sqrt(v) + eps)
+    cm, cv = _caster(m), _caster(v)
+    return (m * cm(alpha)) / cm(jnp.sqrt(v) + cv(eps))
 
 
 def direction(
@@ -65,13 +76,15 @@ def direction(
     ``hat`` (Keras, TF): ``(m * alpha) / (sqrt(v) + eps)`` with
     ``alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)``; ``eps`` is "epsilon hat".
     ``paper`` (optax, PyTorch): ``alpha * m_hat / (sqrt(v_hat + eps_root) + eps)``
-    with ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
+    with ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``. Scalars are cast to the
+    moments' dtypes (no-ops for real leaves; a complex leaf's ``m`` is complex, ``v`` real).
     """
     if mode == "hat":
         return direction_hat(m, v, alpha=alpha, eps=eps)
-    m_hat = m / (1 - b1p)
-    v_hat = v / (1 - b2p)
-    return alpha * (m_hat / (jnp.sqrt(v_hat + eps_root) + eps))
+    cm, cv = _caster(m), _caster(v)
+    m_hat = m / cm(1 - cv(b1p))
+    v_hat = v / (1 - cv(b2p))
+    return cm(cv(alpha)) * (m_hat / cm(jnp.sqrt(v_hat + cv(eps_root)) + cv(eps)))
 
 
 class ScaleByAdamState(NamedTuple):
@@ -267,14 +280,18 @@ def adam_leaf(
     Arithmetic runs in float32 (or wider, if the leaf is float64); moments are stored
     back in their own dtypes. ``direction`` is in the compute dtype.
     """
-    if jnp.iscomplexobj(m):
-        return _complex_leaf(g, m, v, v_max, sc, form=form, mode=mode)
     cd = _tree.compute_dtype_of(g, m, v)
+    g2 = None
+    vd = cd
+    if jnp.iscomplexobj(m):  # optax's convention: complex first moment, real second moment of |g|^2
+        cd = _tree.compute_dtype(m.dtype)
+        vd = _tree.real_dtype(cd)
+        g2 = (jnp.conj(g.astype(cd)) * g.astype(cd)).real
     gf = g.astype(cd)
-    if cd != jnp.dtype(jnp.float32):  # float64 leaves (x64): the float32 scalars, cast explicitly
-        sc = AdamScalars(*(x.astype(cd) for x in sc))
-    m2, v2 = update_moments(gf, m.astype(cd), v.astype(cd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form)
-    v_used, vm2 = _running_max(v_max, v2, cd)
+    if vd != jnp.dtype(jnp.float32):  # float64 leaves (x64): the float32 scalars, cast explicitly
+        sc = AdamScalars(*(x.astype(vd) for x in sc))
+    m2, v2 = update_moments(gf, m.astype(cd), v.astype(vd), b1=sc.b1, b2=sc.b2, c1=sc.c1, c2=sc.c2, form=form, g2=g2)
+    v_used, vm2 = _running_max(v_max, v2, vd)
     d = direction(m2, v_used, alpha=sc.alpha, b1p=sc.b1p, b2p=sc.b2p, eps=sc.eps, eps_root=sc.eps_root, mode=mode)
     return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
@@ -286,37 +303,6 @@ def _running_max(v_max: jax.Array | None, v2: jax.Array, dt: Leaf) -> tuple[jax.
         return v2, None
     v_used = jnp.maximum(v_max.astype(dt), v2)
     return v_used, v_used.astype(v_max.dtype)
-
-
-def _complex_leaf(
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array | None,
-    sc: AdamScalars,
-    *,
-    form: MomentForm,
-    mode: EpsilonMode,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """:func:`adam_leaf` for a complex leaf, optax's convention: complex first moment, real
-    second moment of ``|g|^2 = (conj(g) * g).real``."""
-    cd = _tree.compute_dtype(m.dtype)
-    rd = _tree.real_dtype(cd)
-    gc, m0, v0 = g.astype(cd), m.astype(cd), v.astype(rd)
-    g2 = (jnp.conj(gc) * gc).real
-    r = lambda x: x.astype(rd)  # noqa: E731
-    c = lambda x: x.astype(cd)  # noqa: E731
-    if form == "kernel":
-        m2, v2 = m0 + (gc - m0) * c(sc.c1), v0 + (g2 - v0) * r(sc.c2)
-    else:
-        m2, v2 = m0 * c(sc.b1) + gc * c(sc.c1), v0 * r(sc.b2) + g2 * r(sc.c2)
-    v_used, vm2 = _running_max(v_max, v2, rd)
-    if mode == "hat":
-        d = (m2 * c(sc.alpha)) / c(jnp.sqrt(v_used) + r(sc.eps))
-    else:
-        m_hat, v_hat = m2 / c(1 - r(sc.b1p)), v_used / (1 - r(sc.b2p))
-        d = c(r(sc.alpha)) * (m_hat / c(jnp.sqrt(v_hat + r(sc.eps_root)) + r(sc.eps)))
-    return d, m2.astype(m.dtype), v2.astype(v.dtype), vm2
 
 
 def adam_leaves(
