@@ -69,11 +69,17 @@ def ema_step(
         a_new = average_leaf(mom, one_m, a, p_new)
         new_avg.append(a_new)
         if overwrite is not None:
-            pdt = jnp.asarray(p).dtype
-            to_avg = (a_new - p.astype(a_new.dtype)).astype(pdt)
-            u = jnp.where(overwrite, to_avg, jnp.zeros_like(to_avg) if u is None else u.astype(pdt))
+            u = overwrite_update(overwrite, a_new, p, u)
         new_u.append(u)
     return new_u, new_avg
+
+
+def overwrite_update(overwrite: jax.Array, avg: jax.Array, p: jax.Array, u: jax.Array | None) -> jax.Array:
+    """Keras's ``ema_overwrite_frequency``: on an overwrite step the update that takes ``p`` to its
+    average (``avg - p``, in the param's dtype), else ``u`` (zeros for a ``None`` update)."""
+    pdt = jnp.asarray(p).dtype
+    to_avg = (avg - p.astype(avg.dtype)).astype(pdt)
+    return jnp.where(overwrite, to_avg, jnp.zeros_like(to_avg) if u is None else u.astype(pdt))
 
 
 def ema_params(

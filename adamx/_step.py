@@ -458,8 +458,7 @@ def update_flat(spec: AdamSpec, grads: optax.Updates, state: AdamState, params: 
         ema = [average(sc, a, pn) for a, pn in zip(bufs["ema"], p_new)]
         if spec.ema_overwrite_frequency is not None:
             for i, p in enumerate(p_l):
-                to_avg = (piece(ema, i) - p.astype(lay.dtypes[lay.slots[i].group])).astype(p.dtype)
-                u_l[i] = jnp.where(sc.overwrite, to_avg, u_l[i])
+                u_l[i] = _averaging.overwrite_update(sc.overwrite, piece(ema, i), p, u_l[i])
     fields = {"mu": st.mu, "nu": st.nu, "nu_max": st.nu_max, "acc": st.acc, "ema": ema, "comp": bufs.get("comp")}
     fb = lambda xs: _flat.FlatBuffers(tuple(xs))  # noqa: E731
     return jax.tree_util.tree_unflatten(treedef, u_l), next_state(spec, n, fb, fields)
