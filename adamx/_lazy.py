@@ -41,7 +41,7 @@ import optax
 from jax.experimental import sparse as jsparse
 
 from adamx import _checks, _clipping, _hyper, _moments, _tree
-from adamx._types import Leaf
+from adamx._types import Leaf, Update, spec_of
 
 EpsilonMode = Literal["hat", "paper"]
 
@@ -56,17 +56,12 @@ class LazyAdamState(NamedTuple):
     nu: optax.Updates  # second moment, like params, float32 at least
 
 
-class _Update:
-    """``update`` of a :class:`LazyAdam`: carries its spec (it survives optax rebuilding the tuple)."""
-
-    __name__ = "update"
-
-    def __init__(self, spec: LazyAdamSpec) -> None:
-        self.spec = spec
-
-    def __call__(self, grads: Leaf, state: LazyAdamState, params: Leaf = None, **extra: Leaf) -> tuple[Leaf, Leaf]:
-        del extra
-        return step(self.spec, grads, state, params, apply=False)
+def _update(
+    spec: LazyAdamSpec, grads: Leaf, state: LazyAdamState, params: Leaf = None, **extra: Leaf
+) -> tuple[Leaf, Leaf]:
+    """``update`` of a :class:`LazyAdam` (its :class:`adamx._types.Update` carries ``spec``)."""
+    del extra
+    return step(spec, grads, state, params, apply=False)
 
 
 class LazyAdam(optax.GradientTransformationExtraArgs):
@@ -75,9 +70,7 @@ class LazyAdam(optax.GradientTransformationExtraArgs):
     @property
     def spec(self) -> LazyAdamSpec:
         """The options this optimizer was built with."""
-        update: Leaf = self.update
-        spec: LazyAdamSpec = update.spec
-        return spec
+        return spec_of(self.update, LazyAdamSpec)
 
     @property
     def hyperparams(self) -> dict[str, Leaf]:
@@ -338,7 +331,7 @@ def lazy_adam(
         clipvalue=clipvalue,
         global_clipnorm=global_clipnorm,
     )
-    return LazyAdam(functools.partial(init, spec), _Update(spec))
+    return LazyAdam(functools.partial(init, spec), Update(spec, _update))
 
 
 def init(spec: LazyAdamSpec, params: optax.Params) -> LazyAdamState:

@@ -15,7 +15,7 @@ import optax
 
 from adamx import fused
 from adamx._adam import Adam
-from adamx._types import Leaf
+from adamx._types import Leaf, Update, spec_of
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -58,23 +58,16 @@ class LossScaleSpec:
     name: str = "loss_scale_optimizer"
 
 
-class _Update:
-    """``update`` of a :class:`LossScaleOptimizer`; carries its spec."""
+def _update(
+    spec: LossScaleSpec, grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Leaf
+) -> tuple[optax.Updates, LossScaleState]:
+    """``update`` of a :class:`LossScaleOptimizer` (its :class:`adamx._types.Update` carries ``spec``)."""
+    inner_tx = optax.with_extra_args_support(spec.inner)
 
-    __name__ = "update"
+    def inner_step(unscaled: Leaf, inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
+        return inner_tx.update(unscaled, inner_state, params, **extra)
 
-    def __init__(self, spec: LossScaleSpec) -> None:
-        self.spec = spec
-
-    def __call__(
-        self, grads: optax.Updates, state: LossScaleState, params: optax.Params | None = None, **extra: Leaf
-    ) -> tuple[optax.Updates, LossScaleState]:
-        inner_tx = optax.with_extra_args_support(self.spec.inner)
-
-        def inner_step(unscaled: Leaf, inner_state: Leaf, params: Leaf) -> tuple[Leaf, Leaf]:
-            return inner_tx.update(unscaled, inner_state, params, **extra)
-
-        return _scaled_step(self.spec, grads, state, params, inner_step, keep_params=False)
+    return _scaled_step(spec, grads, state, params, inner_step, keep_params=False)
 
 
 class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
@@ -83,9 +76,7 @@ class LossScaleOptimizer(optax.GradientTransformationExtraArgs):
     @property
     def spec(self) -> LossScaleSpec:
         """The options this loss scaler was built with."""
-        update: Leaf = self.update
-        spec: LossScaleSpec = update.spec
-        return spec
+        return spec_of(self.update, LossScaleSpec)
 
     @property
     def hyperparams(self) -> dict[str, Leaf]:
@@ -334,7 +325,7 @@ def loss_scale_optimizer(
             inner_state=inner_tx.init(params),
         )
 
-    return LossScaleOptimizer(init_fn, _Update(spec))
+    return LossScaleOptimizer(init_fn, Update(spec, _update))
 
 
 def loss_scale(state: Leaf) -> jax.Array:
