@@ -33,7 +33,6 @@ from tests.test_lazy import tfa_lazy_adam_step
 from tests.test_sweep import PATHS, Case, _stepper, check_against_reference, classify
 
 f32 = np.float32
-XFAIL_SPEC = "spec owner fixes (acc_dtype validation in adamx/_spec.py)"
 XFAIL_8BIT = "the lead's 8-bit state rewrite (Explicit meshes, bit identity)"
 XFAIL_BCOO = "optax transformations map over a BCOO's indices like any array leaf"
 STATE_ERR = r"`state` is a|state field `(count|mu|nu|nu_max|acc|ema|comp)`"
@@ -257,31 +256,15 @@ def _rounding_cases() -> list[FCase]:
                     _stepper(opt, p)(_grads(params, 0), adamx.adam(**skw).init(params), params)
 
                 out.append(FCase(cat, f"{sn} state -> {tn} optimizer {path}", run, r"`state` is a"))
-        for dn, dt, xfail in (
-            ("float16", jnp.float16, True),
-            ("float8_e4m3fn", jnp.float8_e4m3fn, True),
-            ("int32", jnp.int32, False),
-            ("bool", jnp.bool_, False),
-            ("complex64", jnp.complex64, False),
+        for dn, dt in (
+            ("float16", jnp.float16),
+            ("float8_e4m3fn", jnp.float8_e4m3fn),
+            ("int32", jnp.int32),
+            ("bool", jnp.bool_),
+            ("complex64", jnp.complex64),
+            ("float64 without x64", jnp.float64),
         ):
-            out.append(
-                FCase(
-                    cat,
-                    f"acc_dtype={dn} {path}",
-                    lambda dt=dt, p=path: _acc_run(dt, p),
-                    r"`acc_dtype",
-                    XFAIL_SPEC if xfail else None,
-                )
-            )
-        out.append(
-            FCase(
-                cat,
-                f"acc_dtype=float64 without x64 {path}",
-                lambda p=path: _acc_run(jnp.float64, p),
-                r"`acc_dtype",
-                XFAIL_SPEC,
-            )
-        )
+            out.append(FCase(cat, f"acc_dtype={dn} {path}", lambda dt=dt, p=path: _acc_run(dt, p), r"`acc_dtype"))
     out.append(FCase(cat, "param_rounding='up'", lambda: adamx.adam(param_rounding="up"), r"`param_rounding"))
     return out
 
