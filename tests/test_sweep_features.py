@@ -350,13 +350,6 @@ def _quantize_cases() -> list[FCase]:
     out.append(
         FCase(
             cat,
-            "accumulation: apply_gradients == update bit for bit",
-            lambda: _q_bits({**Q, "gradient_accumulation_steps": 2}),
-        )
-    )
-    out.append(
-        FCase(
-            cat,
             "quantize_block_size=0",
             lambda: adamx.adam(quantize_moments=True, quantize_block_size=0),
             r"`quantize_block_size",
@@ -373,18 +366,57 @@ def _q_int_leaf(path: str) -> None:
     assert np.array_equal(np.asarray(pp["n"]), [1, 2])
 
 
-def _q_bits(kw: dict) -> None:
-    opt = adamx.adam(**kw)
-    p = _qparams()
+def _mixed_params() -> dict[str, jax.Array]:
+    """bfloat16, float16 and float32 leaves, two of them big enough for 8-bit moments."""
+    rng = np.random.default_rng(4)
+    return {
+        "bf16": jnp.asarray(rng.standard_normal((300,)).astype(f32), jnp.bfloat16),
+        "f16": jnp.asarray(rng.standard_normal((7, 50)).astype(f32), jnp.float16),
+        "f32": jnp.asarray(rng.standard_normal((2, 700)).astype(f32)),
+        "tiny": jnp.asarray(f32([1.0, -2.0])),
+    }
+
+
+def check_bits(kw: dict, params: Callable[[], dict] = _qparams, steps: int = 6) -> None:
+    """``apply_gradients`` (the fused kernel) equals jitted ``update`` + ``optax.apply_updates`` bit for
+    bit: params and every state leaf, after each of ``steps`` steps."""
+    opt = adamx.adam(0.01, **kw)
+    p = params()
     su = sa = opt.init(p)
     pu = pa = p
-    for i in range(4):
+    up, ap = jax.jit(opt.update), jax.jit(opt.apply_gradients)
+    for i in range(steps):
         g = _grads(p, i)
-        u, su = jax.jit(opt.update)(g, su, pu)
+        u, su = up(g, su, pu)
         pu = optax.apply_updates(pu, u)
-        pa, sa = jax.jit(opt.apply_gradients)(g, sa, pa)
-    for k in p:
-        assert np.array_equal(np.asarray(pa[k]), np.asarray(pu[k])), f"{k}: not bit-identical"
+        pa, sa = ap(g, sa, pa)
+        for k in p:
+            assert np.array_equal(np.asarray(pa[k]), np.asarray(pu[k])), f"step {i}, {k}: not bit-identical"
+        for j, (a, b) in enumerate(zip(jax.tree.leaves(sa), jax.tree.leaves(su), strict=True)):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), f"step {i}, state leaf {j}: not bit-identical"
+
+
+def _bits_cases() -> list[FCase]:
+    """The exceptions issue 19 listed to "apply_gradients equals update bit for bit"; they hold now."""
+    cat = "bit identities"
+    ema = {"use_ema": True, "ema_overwrite_frequency": 3}
+    cases: dict[str, tuple[dict, Callable[[], dict]]] = {
+        "EMA + overwrite, bf16/f16/f32 leaves": (ema, _mixed_params),
+        "EMA + overwrite, flat state, bf16/f16/f32 leaves": ({**ema, "flat_state": True}, _mixed_params),
+        "EMA + accumulation, bf16/f16/f32 leaves": ({**ema, "gradient_accumulation_steps": 2}, _mixed_params),
+        "EMA + AMSGrad + weight decay, bf16/f16/f32 leaves": (
+            {**ema, "amsgrad": True, "weight_decay": 0.01},
+            _mixed_params,
+        ),
+        "8-bit + accumulation": ({**Q, "gradient_accumulation_steps": 2}, _qparams),
+        "8-bit + accumulation, flat state": ({**Q, "gradient_accumulation_steps": 2, "flat_state": True}, _qparams),
+        "8-bit, flat state + AMSGrad + EMA": ({**Q, "flat_state": True, "amsgrad": True, "use_ema": True}, _qparams),
+        "8-bit + AMSGrad + EMA, bf16/f16/f32 leaves": ({**Q, "amsgrad": True, **ema}, _mixed_params),
+    }
+    return [
+        FCase(cat, f"apply_gradients == update: {n}", lambda kw=kw, pf=pf: check_bits(kw, pf))
+        for n, (kw, pf) in cases.items()
+    ]
 
 
 # ----------------------------------------------------------------------------- 8-bit moments on meshes
@@ -723,7 +755,15 @@ def _int_grad(kw: dict) -> None:
 
 
 def all_cases() -> list[FCase]:
-    return _lso_cases() + _rounding_cases() + _quantize_cases() + _mesh_cases() + _lazy_cases() + _message_cases()
+    return (
+        _lso_cases()
+        + _rounding_cases()
+        + _quantize_cases()
+        + _bits_cases()
+        + _mesh_cases()
+        + _lazy_cases()
+        + _message_cases()
+    )
 
 
 CASES = all_cases()
