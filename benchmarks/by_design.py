@@ -95,10 +95,16 @@ def loss_scale() -> list[str]:
     while float(adamx.loss_scale(s)) > 0 and n_down < 1000:
         _, s = step(nan_g, s, p)
         n_down += 1
-    # at scale 0 a finite scaled gradient (loss * 0 = 0) is unscaled as 0 / 0 = NaN: skipped too
+    # at scale 0 the scaled loss is 0, its gradients finite zeros: the step is not skipped (the
+    # finiteness check is on the scaled gradients, as Keras's) and the inner optimizer gets 0 / 0 = NaN
+    skipped0 = int(s.skipped_steps)
+    p0 = p
     for _ in range(3):
-        _, s = step({"w": jnp.zeros(4)}, s, p)
-    stuck_low = int(s.skipped_steps) - n_down
+        u, s = step({"w": jnp.zeros(4)}, s, p0)
+        p0 = optax.apply_updates(p0, u)
+    stuck_low = int(s.skipped_steps) - skipped0
+    nan_low = int(jnp.sum(jnp.isnan(p0["w"])))
+    scale_low = float(adamx.loss_scale(s))
     up = adamx.loss_scale_optimizer(adamx.adam(1e-3), initial_scale=2.0**15, dynamic_growth_steps=1)
     ustep = jax.jit(up.update)
     s = up.init(p)
@@ -115,6 +121,7 @@ def loss_scale() -> list[str]:
         "|---|---:|",
         f"| non-finite steps from 2**15 to a scale of exactly 0 | {n_down} |",
         f"| then: of 3 steps with finite (zero) scaled grads, skipped | {stuck_low} |",
+        f"| then: NaN params (of 4) after those steps; scale after | {nan_low}; {scale_low} |",
         f"| growth periods (`dynamic_growth_steps` finite steps each) from 2**15 to inf | {n_up} |",
         f"| then: of 3 steps (scaled grads inf), skipped; scale after | {int(s.skipped_steps) - before}; "
         f"{float(adamx.loss_scale(s))} |",
