@@ -12,6 +12,11 @@ tests/test_sweep.py's. References here:
   params, where every rounding mode is the identity);
 * 8-bit moments: ``update`` + ``optax.apply_updates`` equals ``apply_gradients`` and the
   state is 8-bit where the options say (the codec itself: tests/test_quantized_adam.py).
+* bit identities: ``apply_gradients`` equals jitted ``update`` + ``apply_updates`` bit for
+  bit (params and state) for the cases issue 19 listed as exceptions;
+* 8-bit moments on meshes (2x2, Explicit and Auto; needs
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, as ``make test`` sets): the
+  single-device run, bit for bit.
 
 ``tests/sweep_report.py --features`` prints this file's table for docs/reliability.md.
 """
