@@ -11,6 +11,23 @@ import optax
 from adamx import _hyper, _tree
 from adamx._types import Leaf, Scalar
 
+CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+def check_clip_args(clipnorm: object, clipvalue: object, global_clipnorm: object) -> list[str]:
+    """Refuse more than one clip argument (Keras's rule and message); return the names of those set.
+
+    ``adamx.adam``'s spec and ``lazy_adam``'s both call it; each checks the values' ranges itself.
+    """
+    values = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm}
+    set_clips = [k for k in CLIP_ARGS if values[k] is not None]
+    if len(set_clips) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+            f"Received: {', '.join(f'{k}={values[k]}' for k in set_clips)}."
+        )
+    return set_clips
+
 
 def _abs_sq(x: jax.Array) -> jax.Array:
     """``|x|^2`` elementwise: ``x * x`` for real ``x`` (the same ops as before), real for complex."""

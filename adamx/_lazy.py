@@ -45,8 +45,6 @@ from adamx._types import Leaf, Update, spec_of
 
 EpsilonMode = Literal["hat", "paper"]
 
-_CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
-
 
 class LazyAdamState(NamedTuple):
     """State of :func:`lazy_adam`. Field names are the checkpoint format."""
@@ -152,12 +150,7 @@ class LazyAdamSpec:
             raise ValueError(f"`epsilon_mode` must be 'hat' or 'paper', got {self.epsilon_mode!r}.")
         if self.weight_decay is not None:
             _hyper.check_scalar("weight_decay", self.weight_decay, lo=0.0, allow_schedule=True)
-        set_clips = [k for k in _CLIP_ARGS if getattr(self, k) is not None]
-        if len(set_clips) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
-                f"Received: {', '.join(f'{k}={getattr(self, k)}' for k in set_clips)}."
-            )
+        set_clips = _clipping.check_clip_args(self.clipnorm, self.clipvalue, self.global_clipnorm)
         for k in set_clips:
             _hyper.check_scalar(k, getattr(self, k), lo=0.0, lo_open=True)
 

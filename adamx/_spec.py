@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _codecs, _decay, _hyper, _tree, schedules
+from adamx import _clipping, _codecs, _decay, _hyper, _tree, schedules
 from adamx._types import DType, KerasConfig, PyTree, Scalar, ScalarOrSchedule
 
 ClipMode = Literal["none", "norm", "global_norm", "value"]
@@ -53,7 +53,6 @@ KERAS3_KEYS = (
 MomentFormat = Literal["dynamic8", "fp8", "4bit"]  # and any name adamx._codecs.register adds
 ParamRounding = Literal["nearest", "kahan", "stochastic"]
 PARAM_ROUNDINGS: tuple[ParamRounding, ...] = ("nearest", "kahan", "stochastic")
-_CLIP_ARGS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 # Where a field goes in a Keras config: Keras's own key (always written), an adamx key
 # (written when set, with include_adamx=True), or nowhere (a set value cannot be written).
@@ -508,12 +507,7 @@ class AdamSpec:
         return cls(**kwargs)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
-        set_clips = [k for k in _CLIP_ARGS if getattr(self, k) is not None]
-        if len(set_clips) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
-                f"Received: {', '.join(f'{k}={getattr(self, k)}' for k in set_clips)}."
-            )
+        _clipping.check_clip_args(self.clipnorm, self.clipvalue, self.global_clipnorm)
         for name, opt in options_table(type(self)).items():
             opt.check(name, getattr(self, name))
         self._check_moment_format()

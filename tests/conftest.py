@@ -25,6 +25,7 @@ SLOW = [
     "tests/test_param_rounding.py::test_fused_equals_reference_bit_for_bit[*",
     "tests/test_schedules_and_config.py::test_schedule_values_equal_keras[*",
     "tests/test_sweep.py::test_sweep_case[*",
+    "tests/test_sweep_features.py::test_sweep_case[8-bit moments on meshes*",
     # tests (all their parameters together) of 5 s and more on the loaded 2-core machine; the fast
     # run keeps the per-op references and the Keras replays, which are the semantics
     "tests/test_adam_properties.py::test_accumulation_equals_one_big_batch[*",

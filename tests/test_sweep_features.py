@@ -12,6 +12,11 @@ tests/test_sweep.py's. References here:
   params, where every rounding mode is the identity);
 * 8-bit moments: ``update`` + ``optax.apply_updates`` equals ``apply_gradients`` and the
   state is 8-bit where the options say (the codec itself: tests/test_quantized_adam.py).
+* bit identities: ``apply_gradients`` equals jitted ``update`` + ``apply_updates`` bit for
+  bit (params and state) for the cases issue 19 listed as exceptions;
+* 8-bit moments on meshes (2x2, Explicit and Auto; needs
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, as ``make test`` sets): the
+  single-device run, bit for bit.
 
 ``tests/sweep_report.py --features`` prints this file's table for docs/reliability.md.
 """
@@ -33,7 +38,6 @@ from tests.test_lazy import tfa_lazy_adam_step
 from tests.test_sweep import PATHS, Case, _stepper, check_against_reference, classify
 
 f32 = np.float32
-XFAIL_SPEC = "spec owner fixes (acc_dtype validation in adamx/_spec.py)"
 XFAIL_8BIT = "the lead's 8-bit state rewrite (Explicit meshes, bit identity)"
 XFAIL_BCOO = "optax transformations map over a BCOO's indices like any array leaf"
 STATE_ERR = r"`state` is a|state field `(count|mu|nu|nu_max|acc|ema|comp)`"
@@ -257,31 +261,15 @@ def _rounding_cases() -> list[FCase]:
                     _stepper(opt, p)(_grads(params, 0), adamx.adam(**skw).init(params), params)
 
                 out.append(FCase(cat, f"{sn} state -> {tn} optimizer {path}", run, r"`state` is a"))
-        for dn, dt, xfail in (
-            ("float16", jnp.float16, True),
-            ("float8_e4m3fn", jnp.float8_e4m3fn, True),
-            ("int32", jnp.int32, False),
-            ("bool", jnp.bool_, False),
-            ("complex64", jnp.complex64, False),
+        for dn, dt in (
+            ("float16", jnp.float16),
+            ("float8_e4m3fn", jnp.float8_e4m3fn),
+            ("int32", jnp.int32),
+            ("bool", jnp.bool_),
+            ("complex64", jnp.complex64),
+            ("float64 without x64", jnp.float64),
         ):
-            out.append(
-                FCase(
-                    cat,
-                    f"acc_dtype={dn} {path}",
-                    lambda dt=dt, p=path: _acc_run(dt, p),
-                    r"`acc_dtype",
-                    XFAIL_SPEC if xfail else None,
-                )
-            )
-        out.append(
-            FCase(
-                cat,
-                f"acc_dtype=float64 without x64 {path}",
-                lambda p=path: _acc_run(jnp.float64, p),
-                r"`acc_dtype",
-                XFAIL_SPEC,
-            )
-        )
+            out.append(FCase(cat, f"acc_dtype={dn} {path}", lambda dt=dt, p=path: _acc_run(dt, p), r"`acc_dtype"))
     out.append(FCase(cat, "param_rounding='up'", lambda: adamx.adam(param_rounding="up"), r"`param_rounding"))
     return out
 
@@ -367,13 +355,6 @@ def _quantize_cases() -> list[FCase]:
     out.append(
         FCase(
             cat,
-            "accumulation: apply_gradients == update bit for bit",
-            lambda: _q_bits({**Q, "gradient_accumulation_steps": 2}),
-        )
-    )
-    out.append(
-        FCase(
-            cat,
             "quantize_block_size=0",
             lambda: adamx.adam(quantize_moments=True, quantize_block_size=0),
             r"`quantize_block_size",
@@ -390,18 +371,148 @@ def _q_int_leaf(path: str) -> None:
     assert np.array_equal(np.asarray(pp["n"]), [1, 2])
 
 
-def _q_bits(kw: dict) -> None:
-    opt = adamx.adam(**kw)
-    p = _qparams()
+def _mixed_params() -> dict[str, jax.Array]:
+    """bfloat16, float16 and float32 leaves, two of them big enough for 8-bit moments."""
+    rng = np.random.default_rng(4)
+    return {
+        "bf16": jnp.asarray(rng.standard_normal((300,)).astype(f32), jnp.bfloat16),
+        "f16": jnp.asarray(rng.standard_normal((7, 50)).astype(f32), jnp.float16),
+        "f32": jnp.asarray(rng.standard_normal((2, 700)).astype(f32)),
+        "tiny": jnp.asarray(f32([1.0, -2.0])),
+    }
+
+
+def check_bits(kw: dict, params: Callable[[], dict] = _qparams, steps: int = 6) -> None:
+    """``apply_gradients`` (the fused kernel) equals jitted ``update`` + ``optax.apply_updates`` bit for
+    bit: params and every state leaf, after each of ``steps`` steps."""
+    opt = adamx.adam(0.01, **kw)
+    p = params()
     su = sa = opt.init(p)
     pu = pa = p
-    for i in range(4):
+    up, ap = jax.jit(opt.update), jax.jit(opt.apply_gradients)
+    for i in range(steps):
         g = _grads(p, i)
-        u, su = jax.jit(opt.update)(g, su, pu)
+        u, su = up(g, su, pu)
         pu = optax.apply_updates(pu, u)
-        pa, sa = jax.jit(opt.apply_gradients)(g, sa, pa)
-    for k in p:
-        assert np.array_equal(np.asarray(pa[k]), np.asarray(pu[k])), f"{k}: not bit-identical"
+        pa, sa = ap(g, sa, pa)
+        for k in p:
+            assert np.array_equal(np.asarray(pa[k]), np.asarray(pu[k])), f"step {i}, {k}: not bit-identical"
+        for j, (a, b) in enumerate(zip(jax.tree.leaves(sa), jax.tree.leaves(su), strict=True)):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), f"step {i}, state leaf {j}: not bit-identical"
+
+
+def _bits_cases() -> list[FCase]:
+    """The exceptions issue 19 listed to "apply_gradients equals update bit for bit"; they hold now."""
+    cat = "bit identities"
+    ema = {"use_ema": True, "ema_overwrite_frequency": 3}
+    cases: dict[str, tuple[dict, Callable[[], dict]]] = {
+        "EMA + overwrite, bf16/f16/f32 leaves": (ema, _mixed_params),
+        "EMA + overwrite, flat state, bf16/f16/f32 leaves": ({**ema, "flat_state": True}, _mixed_params),
+        "EMA + accumulation, bf16/f16/f32 leaves": ({**ema, "gradient_accumulation_steps": 2}, _mixed_params),
+        "EMA + AMSGrad + weight decay, bf16/f16/f32 leaves": (
+            {**ema, "amsgrad": True, "weight_decay": 0.01},
+            _mixed_params,
+        ),
+        "8-bit + accumulation": ({**Q, "gradient_accumulation_steps": 2}, _qparams),
+        "8-bit + accumulation, flat state": ({**Q, "gradient_accumulation_steps": 2, "flat_state": True}, _qparams),
+        "8-bit, flat state + AMSGrad + EMA": ({**Q, "flat_state": True, "amsgrad": True, "use_ema": True}, _qparams),
+        "8-bit + AMSGrad + EMA, bf16/f16/f32 leaves": ({**Q, "amsgrad": True, **ema}, _mixed_params),
+    }
+    return [
+        FCase(cat, f"apply_gradients == update: {n}", lambda kw=kw, pf=pf: check_bits(kw, pf))
+        for n, (kw, pf) in cases.items()
+    ]
+
+
+# ----------------------------------------------------------------------------- 8-bit moments on meshes
+XFAIL_ZERO1 = (
+    "zero1 on an Explicit mesh places a straddling leaf's codes P(None, 'x') (the param's) but its scales "
+    "P('x', None) (adamx.sharding.zero1_state_sharding), so the decoded moment and the gradient disagree "
+    "(ShardingTypeError in _moments.update_moments): the sharding owner"
+)
+MESH_SPECS = {"rows": ("x", None), "cols": (None, "x"), "straddle": (None, "x"), "small": ()}
+
+
+def _mesh_params() -> dict[str, np.ndarray]:
+    """``rows`` split on axis 0 and ``cols`` on axis 1 in whole 256-blocks; ``straddle`` (768 columns
+    over 2 devices: 384 each) has blocks that cross the shards; ``small`` stays float32."""
+    rng = np.random.default_rng(3)
+    shapes = {"rows": (8, 512), "cols": (4, 1024), "straddle": (4, 768), "small": (3,)}
+    return {k: rng.standard_normal(s).astype(f32) for k, s in shapes.items()}
+
+
+def _is_q(x: Any) -> bool:
+    return isinstance(x, adamx.QuantizedArray)
+
+
+def _mesh_opt(name: str, mesh: Any) -> Any:
+    if name == "zero1":
+        return adamx.sharding.zero1(adamx.adam(**Q), mesh, axis="x")
+    if name == "loss scaler":
+        return adamx.loss_scale_optimizer(adamx.adam(**Q), initial_scale=4.0)
+    return adamx.adam(**Q)
+
+
+def check_8bit_mesh(name: str, axis_type: Any, path: str, leaves: tuple[str, ...]) -> None:
+    """Three jitted steps with params (and grads) split over a 2x2 mesh equal the single-device steps bit
+    for bit: params and every state leaf (codes, scales, count, loss scale). zero1's single-device
+    reference is ``adamx.adam`` itself (it has no reduction here)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if jax.device_count() < 4:
+        raise RuntimeError("needs 4 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    params = {k: v for k, v in _mesh_params().items() if k in leaves}
+    grads = [{k: (v * 0.3 * (i + 1)).astype(f32)[::-1].copy() for k, v in params.items()} for i in range(3)]
+    ref = _mesh_opt("adam" if name == "zero1" else name, None)
+    rp, rs = jax.tree.map(jnp.asarray, params), ref.init(jax.tree.map(jnp.asarray, params))
+    for g in grads:
+        rp, rs = _stepper(ref, path)(jax.tree.map(jnp.asarray, g), rs, rp)
+    mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=(axis_type, axis_type))
+    with jax.set_mesh(mesh):
+        opt = _mesh_opt(name, mesh)
+
+        def put(t: dict) -> dict:
+            return {k: jax.device_put(v, NamedSharding(mesh, P(*MESH_SPECS[k]))) for k, v in t.items()}
+
+        p = put(params)
+        s = opt.init(p)
+        n_q = sum(isinstance(x, adamx.QuantizedArray) for x in jax.tree.leaves(s, is_leaf=_is_q))
+        assert n_q == 2 * (len(p) - 1), f"{n_q} 8-bit moments; mu and nu of every leaf but 'small' must be"
+        step = _stepper(opt, path)
+        for g in grads:
+            p, s = step(put(g), s, p)
+        for k in p:
+            want_sh = NamedSharding(mesh, P(*MESH_SPECS[k]))
+            assert p[k].sharding.is_equivalent_to(want_sh, p[k].ndim), f"{k}: sharding {p[k].sharding}"
+    got, want = jax.tree.leaves((p, s)), jax.tree.leaves((rp, rs))
+    assert len(got) == len(want), "state structure differs from the single-device one"
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"leaf {i} ({a.shape}, {a.dtype}) not bit-identical"
+
+
+def _mesh_cases() -> list[FCase]:
+    from jax.sharding import AxisType
+
+    out = []
+    cat = "8-bit moments on meshes"
+    for tn, at in (("Explicit", AxisType.Explicit), ("Auto", AxisType.Auto)):
+        for name in ("adam", "zero1", "loss scaler"):
+            for path in PATHS if name != "zero1" else ("update",):  # zero1 is an optax transformation
+                for ln, leaves in (
+                    ("whole blocks", ("rows", "cols", "small")),
+                    ("straddling blocks", ("straddle", "small")),
+                ):
+                    xf = XFAIL_ZERO1 if (name, tn, ln) == ("zero1", "Explicit", "straddling blocks") else None
+                    out.append(
+                        FCase(
+                            cat,
+                            f"{tn} mesh, {name}, {ln} {path}",
+                            lambda n=name, a=at, p=path, lv=leaves: check_8bit_mesh(n, a, p, lv),
+                            xfail=xf,
+                        )
+                    )
+    return out
 
 
 # ----------------------------------------------------------------------------- lazy rows
@@ -649,7 +760,15 @@ def _int_grad(kw: dict) -> None:
 
 
 def all_cases() -> list[FCase]:
-    return _lso_cases() + _rounding_cases() + _quantize_cases() + _lazy_cases() + _message_cases()
+    return (
+        _lso_cases()
+        + _rounding_cases()
+        + _quantize_cases()
+        + _bits_cases()
+        + _mesh_cases()
+        + _lazy_cases()
+        + _message_cases()
+    )
 
 
 CASES = all_cases()
