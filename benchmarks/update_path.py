@@ -13,6 +13,10 @@ Three ratios, each measured side by side in one process (runs interleaved, media
 Writes ``benchmarks/results/update_path.json`` and prints a table with the machine and load::
 
     PYTHONPATH=. python benchmarks/update_path.py [--n 16777216] [--leaves 200] [--reps 7]
+        [--only step|compile|stochastic ...] [--repeat 1]
+
+``--only`` runs the named rows alone (the others print as not run); ``--repeat`` runs each
+row that many times in the same process and reports every ratio and their median.
 """
 
 from __future__ import annotations
@@ -109,36 +113,72 @@ def stochastic_ratio(n: int, reps: int) -> dict:
     )
 
 
+ROWS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "step": lambda a: step_ratio(a.n, a.reps),
+    "compile": lambda a: compile_ratio(a.leaves),
+    "stochastic": lambda a: stochastic_ratio(a.n, a.reps),
+}
+
+
+def repeated(row: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> dict:
+    """``row`` run ``args.repeat`` times: the last run's numbers, every ratio and their median."""
+    runs = [row(args) for _ in range(args.repeat)]
+    out = dict(runs[-1])
+    if args.repeat > 1:
+        out["ratios"] = [r["ratio"] for r in runs]
+        out["ratio"] = statistics.median(out["ratios"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1 << 24)
     ap.add_argument("--leaves", type=int, default=200)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--only", nargs="+", choices=sorted(ROWS), default=sorted(ROWS), help="the rows to run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each row in this process (median ratio)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "update_path.json"))
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1; got {args.repeat}")
     load = os.getloadavg()
-    res = {
+    only = "" if len(args.only) == len(ROWS) else " --only " + " ".join(args.only)
+    res: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_before": load},
         "versions": {"jax": jax.__version__, "optax": optax.__version__},
         "command": "PYTHONPATH=. python benchmarks/update_path.py "
-        + f"--n {args.n} --leaves {args.leaves} --reps {args.reps}",
-        "step": step_ratio(args.n, args.reps),
-        "compile": compile_ratio(args.leaves),
-        "stochastic": stochastic_ratio(args.n, args.reps),
+        + f"--n {args.n} --leaves {args.leaves} --reps {args.reps} --repeat {args.repeat}{only}",
     }
+    for name in ("step", "compile", "stochastic"):
+        if name in args.only:
+            res[name] = repeated(ROWS[name], args)
     res["machine"]["load_after"] = os.getloadavg()
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    s, c, r = res["step"], res["compile"], res["stochastic"]
     print("| ratio | measured | goal |\n|---|---|---|")
+    s, c, r = res.get("step"), res.get("compile"), res.get("stochastic")
     print(
-        f"| 8-bit / float32 `update` step, {args.n} params | {s['ratio']:.2f}x ({s['b_ms']:.1f} / {s['a_ms']:.1f} ms) | <= 3x |"
+        f"| 8-bit / float32 `update` step, {args.n} params | "
+        + (f"{s['ratio']:.2f}x ({s['b_ms']:.1f} / {s['a_ms']:.1f} ms)" if s else "not run")
+        + " | <= 3x |"
     )
     print(
-        f"| 8-bit / float32 compile, {args.leaves} leaves | {c['ratio']:.2f}x "
-        f"({c['8-bit']['per_leaf_ms']:.1f} / {c['float32']['per_leaf_ms']:.1f} ms per leaf) | <= 2x |"
+        f"| 8-bit / float32 compile, {args.leaves} leaves | "
+        + (
+            f"{c['ratio']:.2f}x ({c['8-bit']['per_leaf_ms']:.1f} / {c['float32']['per_leaf_ms']:.1f} ms per leaf)"
+            if c
+            else "not run"
+        )
+        + " | <= 2x |"
     )
-    print(f"| fused stochastic / nearest, bf16 | {r['ratio']:.2f}x ({r['b_ms']:.1f} / {r['a_ms']:.1f} ms) | <= 1.3x |")
+    print(
+        "| fused stochastic / nearest, bf16 | "
+        + (f"{r['ratio']:.2f}x ({r['b_ms']:.1f} / {r['a_ms']:.1f} ms)" if r else "not run")
+        + " | <= 1.3x |"
+    )
+    for name in ("step", "compile", "stochastic"):
+        if name in res and "ratios" in res[name]:
+            print(f"{name} ratios: " + ", ".join(f"{x:.2f}" for x in res[name]["ratios"]))
     print(f"load before/after: {load} / {res['machine']['load_after']}")
 
 

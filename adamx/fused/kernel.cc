@@ -139,23 +139,43 @@ static inline uint32_t mix32(uint32_t h) {
   return h;
 }
 
+// Branch-free on 32-bit lanes so that the per-segment loop vectorizes: every switch is a
+// mask, no 16-bit temporaries (GCC found "control flow in loop" in the ?: on 16-bit bits).
+static inline uint32_t mask32(bool c) { return 0u - static_cast<uint32_t>(c); }
+
+// The other neighbour of q (a P value, as float32) in P's bits: one step out (`away`) or in,
+// and from a zero the smallest subnormal of x's sign (`neg`: x < 0). Only used where q is
+// finite and != x, so the steps from NaN/inf bits need not be meaningful.
+template <typename P> static inline float neighbour(float q, uint32_t away, uint32_t neg);
+// bf16 is the top half of a float32: one bf16 step is 0x10000 in float32's bits (mod 2**32,
+// as the 16-bit step is mod 2**16 in the top half).
+template <> inline float neighbour<bf16_t>(float q, uint32_t away, uint32_t neg) {
+  const uint32_t qb = __builtin_bit_cast(uint32_t, q);
+  const uint32_t step = qb + ((away & 0x10000u) | (~away & 0xffff0000u));
+  const uint32_t tiny = (neg & 0x80000000u) | 0x10000u;
+  const uint32_t zero = mask32((qb & 0x7fff0000u) == 0);
+  return __builtin_bit_cast(float, (zero & tiny) | (~zero & step));
+}
+// f16: the step on f16's bits (held in 32-bit lanes), converted back by the hardware.
+template <> inline float neighbour<f16_t>(float q, uint32_t away, uint32_t neg) {
+  const uint32_t qb = __builtin_bit_cast(uint16_t, st<f16_t>(q));
+  const uint32_t step = qb + ((away & 1u) | (~away & 0xffffu));
+  const uint32_t tiny = (neg & 0x8000u) | 1u;
+  const uint32_t zero = mask32((qb & 0x7fffu) == 0);
+  return ld(__builtin_bit_cast(f16_t, static_cast<uint16_t>((zero & tiny) | (~zero & step))));
+}
+
 // x (f32) rounded up or down to a P value: up with probability (x - lo) / (hi - lo).
+// Exact values, non-finite values and overflow round to nearest (adamx/_rounding.py's stochastic).
 template <typename P> static inline float stochastic_round(float x, uint32_t h) {
-  const P qs = st<P>(x);
-  const float q = ld(qs);
-  uint16_t bits;
-  std::memcpy(&bits, &qs, 2);
-  const bool away = (x > q) == (q > 0.0f);
-  const uint16_t step = static_cast<uint16_t>(away ? bits + 1u : bits - 1u);
-  const uint16_t tiny = x < 0.0f ? uint16_t{0x8001} : uint16_t{0x0001};
-  const uint16_t ob = (bits & 0x7fffu) == 0 ? tiny : step;
-  P os;
-  std::memcpy(&os, &ob, 2);
-  const float o = ld(os);
-  const float lo = q < o ? q : o, hi = q < o ? o : q;
+  const float q = round_to<P>(x);
+  const uint32_t away = mask32((x > q) == (q > 0.0f));
+  const float o = neighbour<P>(q, away, mask32(x < 0.0f));
+  const float lo = std::min(q, o), hi = std::max(q, o);  // neither is NaN where the result is used
   const float r = static_cast<float>(h >> 8) * 0x1p-24f;
-  const bool up = r * (hi - lo) < (x - lo);
-  return (std::fabs(q) < __builtin_inff() && q != x) ? (up ? hi : lo) : q;  // finite and inexact
+  const uint32_t up = mask32(r * (hi - lo) < (x - lo));
+  const uint32_t inexact = mask32((std::fabs(q) < __builtin_inff()) & (q != x));  // finite and inexact
+  return sel<float>(inexact, sel<float>(up, hi, lo), q);
 }
 
 // ---------------------------------------------------------------- per-segment kernels
@@ -184,7 +204,10 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
   // XLA rewrites x / scalar as x * (1 / scalar); so does the kernel.
   const float inv_lsf = 1.0f / lsf, inv_k = 1.0f / kf, inv_denom = 1.0f / clip_denom;
   const float wd_lr = wd * lr;
-  for (int64_t j = b; j < e; ++j) {
+  // The hash counter: j mod 2**32 in its own 32-bit induction variable (a truncated 64-bit
+  // one costs the vectorized loop a widen and a permute per vector).
+  uint32_t j32 = static_cast<uint32_t>(b);
+  for (int64_t j = b; j < e; ++j, ++j32) {
     // The gradient the moments see is g = ga * gb (gb = 1 when its last op is not a
     // product). XLA computes the new mu in its own loop where g has one use, and
     // contracts g - mu into fma(ga, gb, -mu); the kernel does the same.
@@ -231,7 +254,7 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
       comp[j] = sel(real_p, st<P>(y - (pn - pf)), comp[j]);
       u = sel(real, ur, 0.0f);
     } else if constexpr (RND == 2) {
-      const uint32_t h = mix32(mix32(static_cast<uint32_t>(j) ^ key) + key);
+      const uint32_t h = mix32(mix32(j32 ^ key) + key);
       u = sel(real, round_to<P>(stochastic_round<P>(pf + u1, h) - pf), 0.0f);
     }
     if constexpr (EMA) {
