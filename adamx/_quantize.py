@@ -399,8 +399,9 @@ def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     keep = 0
     while keep < min(len(shape), x.ndim) and shape[keep] == x.shape[keep]:
         keep += 1
-    spec = tuple(jax.typeof(x).sharding.spec)[:keep]
-    return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(*spec, *([None] * (len(shape) - keep))))
+    sh = jax.typeof(x).sharding
+    spec = jax.sharding.PartitionSpec(*tuple(sh.spec)[:keep], *([None] * (len(shape) - keep)))
+    return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(sh.mesh, spec))
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
@@ -488,7 +489,7 @@ def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
         return codes
     if tuple(jax.typeof(codes).sharding.spec) == tuple(want.spec):
         return codes
-    return jax.sharding.reshard(codes, want.spec)
+    return jax.sharding.reshard(codes, jax.sharding.NamedSharding(want.mesh, want.spec))
 
 
 def dequantize(

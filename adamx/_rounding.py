@@ -73,7 +73,7 @@ def uniforms(key: jax.Array, shape: tuple[int, ...], like: jax.Array | None = No
     The counter is each element's C-order index, built from one iota per axis so that it takes
     ``like``'s sharding on an Explicit mesh: each device hashes its own elements only.
     """
-    sharding = None if like is None else _explicit_spec(like)
+    sharding = None if like is None else _explicit_sharding(like)
     j = jnp.zeros(shape, jnp.uint32) if not shape else None
     stride = 1
     for d in range(len(shape) - 1, -1, -1):
@@ -85,13 +85,14 @@ def uniforms(key: jax.Array, shape: tuple[int, ...], like: jax.Array | None = No
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def _explicit_spec(x: jax.Array) -> jax.sharding.PartitionSpec | None:
-    """``x``'s partition spec where it lives on an Explicit mesh, else ``None``."""
+def _explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    """``x``'s sharding where it lives on an Explicit mesh (a ``NamedSharding``: it names its mesh,
+    so no ``jax.set_mesh`` is needed), else ``None``."""
     sh = jax.typeof(x).sharding
     mesh = getattr(sh, "mesh", None)
     if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         return None
-    return sh.spec
+    return jax.sharding.NamedSharding(mesh, sh.spec)
 
 
 def to_dtype(x: jax.Array, dtype: DType) -> jax.Array:
