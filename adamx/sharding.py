@@ -58,6 +58,7 @@ import jax
 import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from adamx._quantize import QuantizedArray
 from adamx._types import Leaf, PyTree
 
 # One entry of a PartitionSpec: unsharded, one mesh axis, or several.
@@ -171,6 +172,10 @@ def zero1_state_sharding(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree
     size = _axis_size(mesh, axis)
 
     def one(x: Leaf) -> Leaf:
+        if isinstance(x, QuantizedArray):
+            codes = one(x.codes)
+            assert isinstance(codes, NamedSharding)
+            return _quantized_sharding(x, codes, mesh)
         if not _is_array_like(x):
             return x
         shape = tuple(x.shape)
@@ -178,7 +183,25 @@ def zero1_state_sharding(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, zero1_partition_spec(shape, size, axis, _leaf_spec(x, mesh)))
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def _quantized_sharding(q: QuantizedArray, codes: NamedSharding, mesh: Mesh) -> QuantizedArray:
+    """An 8-bit leaf's shardings: the codes', and for the scales the codes' spec on the leading axes
+    they share (``adamx._quantize.scale_shape``), the blocked axis only where each shard holds whole
+    blocks; an axis the codes do not split is never split in the scales (the step decodes codes and
+    scales together)."""
+    cs, ss = tuple(q.codes.shape), tuple(q.scales.shape)
+    spec = list(codes.spec) + [None] * (len(cs) - len(codes.spec))
+    lead = len(ss) - 1
+    if len(ss) > len(cs) or cs[:lead] != ss[:lead]:  # 1-D scales of a leaf whose size is no multiple of a block
+        return QuantizedArray._make((codes, NamedSharding(mesh, PartitionSpec(*([None] * len(ss))))))
+    last = spec[lead]
+    parts = 1
+    for name in _entry_axes(last):
+        parts *= _axis_size(mesh, name)
+    whole = last is not None and all(e is None for e in spec[lead + 1 :]) and ss[lead] % parts == 0
+    return QuantizedArray._make((codes, NamedSharding(mesh, PartitionSpec(*spec[:lead], last if whole else None))))
 
 
 def replicated_sharding(tree: PyTree, mesh: Mesh) -> PyTree:

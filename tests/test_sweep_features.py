@@ -425,11 +425,6 @@ def _bits_cases() -> list[FCase]:
 
 
 # ----------------------------------------------------------------------------- 8-bit moments on meshes
-XFAIL_ZERO1 = (
-    "zero1 on an Explicit mesh places a straddling leaf's codes P(None, 'x') (the param's) but its scales "
-    "P('x', None) (adamx.sharding.zero1_state_sharding), so the decoded moment and the gradient disagree "
-    "(ShardingTypeError in _moments.update_moments): the sharding owner"
-)
 MESH_SPECS = {"rows": ("x", None), "cols": (None, "x"), "straddle": (None, "x"), "small": ()}
 
 
@@ -503,13 +498,11 @@ def _mesh_cases() -> list[FCase]:
                     ("whole blocks", ("rows", "cols", "small")),
                     ("straddling blocks", ("straddle", "small")),
                 ):
-                    xf = XFAIL_ZERO1 if (name, tn, ln) == ("zero1", "Explicit", "straddling blocks") else None
                     out.append(
                         FCase(
                             cat,
                             f"{tn} mesh, {name}, {ln} {path}",
                             lambda n=name, a=at, p=path, lv=leaves: check_8bit_mesh(n, a, p, lv),
-                            xfail=xf,
                         )
                     )
     return out
