@@ -61,7 +61,10 @@ def test_own_kernel_count_agrees_with_xla_cost_analysis(option):
     assert m.bytes_per_param == pytest.approx(m.xla_bytes_per_param, rel=0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="8-bit state + temporaries: see benchmarks/results/accelerator.md (GPT-2 small)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="8-bit state + temporaries 0.60x optax float32 Adam's on the H100 (2 B/param of temporaries; 1.24x before)",
+)
 def test_gpt2_small_8bit_state_and_temporaries_at_most_035x_optax_float32():
     mine = measured(TARGET, "8-bit moments", shape="GPT-2 small")
     base = measured(TARGET, "float32", peer=True, shape="GPT-2 small")
