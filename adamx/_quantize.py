@@ -420,15 +420,6 @@ def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return _reshape(_reshape(b, (b.size,))[:n], shape)
 
 
-def _block_max(bits: jax.Array, block_size: int) -> jax.Array:
-    """The max of each block of non-negative int32 ``bits`` (shaped like the leaf), in :func:`scale_shape`.
-
-    (A strided window max instead of the reshape was tried for the TPU: its compiler then moved
-    183 instead of 128 bytes a parameter; benchmarks/results/accelerator.md.)
-    """
-    return jnp.max(_blocks(bits, block_size), axis=-1)
-
-
 def _abs_bits(x: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & jnp.int32(0x7FFFFFFF)
     return jnp.where(bits < jnp.int32(0x00800000), jnp.int32(0), bits)  # |x| < FLT_MIN counts as 0
@@ -445,7 +436,16 @@ def block_absmax(x: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Arra
     the integer order is the float order, and every NaN pattern is above ``inf``'s, so one reduce
     both finds the maximum and propagates NaN (a float max does not reliably on XLA:CPU).
     """
-    return _scale_of(_block_max(_abs_bits(x), block_size))
+    return _absmax_of_blocks(_blocks(x, block_size))
+
+
+def _absmax_of_blocks(blocks: jax.Array) -> jax.Array:
+    """:func:`block_absmax` of values already cut into blocks (last axis).
+
+    (A strided window max over the unblocked leaf was tried for the TPU: its compiler then moved
+    184 instead of 128 bytes a parameter; benchmarks/results/accelerator.md.)
+    """
+    return _scale_of(jnp.max(_abs_bits(blocks), axis=-1))
 
 
 def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
@@ -466,7 +466,7 @@ def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> Quant
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
     blocks = _blocks(x.astype(jnp.float32), bs)
     blocks = jnp.where(jnp.abs(blocks) < FLT_MIN, jnp.float32(0), blocks)  # subnormal inputs count as 0
-    scales = _scale_of(jnp.max(_abs_bits(blocks), axis=-1))
+    scales = _absmax_of_blocks(blocks)
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
