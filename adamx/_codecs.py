@@ -145,11 +145,20 @@ class Dynamic8(_Blockwise):
     def zeros(self, leaf: Leaf) -> QuantizedArray:
         return _quantize.quantized_zeros(leaf, self.code, self.block_size)  # the code of 0 is not 0
 
-    def encode(self, x: jax.Array) -> QuantizedArray:
-        return _quantize.quantize(x, self.code, self.block_size)
+    def encode(self, x: jax.Array, scales: jax.Array | None = None) -> QuantizedArray:
+        return _quantize.quantize(x, self.code, self.block_size, scales)
 
-    def decode(self, state: QuantizedArray, shape: Shape) -> jax.Array:
-        return _quantize.dequantize(state, self.code, shape, self.block_size)  # also the first 1-D layout
+    def scales_of(self, x: jax.Array) -> jax.Array:
+        """The scales :meth:`encode` gives ``x`` (its blocks' absmax), for a separate reduction pass."""
+        # a float max and a NaN test (XLA:GPU fuses both into the reduction of their producer; the
+        # integer max over the bits of block_absmax, it does not); a float max alone drops NaN on CPU
+        b = _quantize.blocks_of(x.astype(jnp.float32), self.block_size)
+        top = jnp.max(jnp.abs(b), axis=-1)
+        top = jnp.where(jnp.any(jnp.isnan(b), axis=-1), jnp.float32(jnp.nan), top)
+        return jnp.where(top < _quantize.FLT_MIN, jnp.float32(0), top)
+
+    def decode(self, state: QuantizedArray, shape: Shape, lookup: str | None = None) -> jax.Array:
+        return _quantize.dequantize(state, self.code, shape, self.block_size, lookup=lookup)  # also 1-D
 
     def state_shapes(self, shape: Shape) -> QuantizedArray:
         ss = _quantize.scale_shape(shape, self.block_size)

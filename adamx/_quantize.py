@@ -71,7 +71,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -404,7 +404,7 @@ def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(sh.mesh, spec))
 
 
-def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+def blocks_of(x: jax.Array, block_size: int) -> jax.Array:
     """``x`` as ``scale_shape + (block_size,)`` (whole blocks: a reshape of its last axes; else ravel and pad)."""
     ss = scale_shape(x.shape, block_size)
     n = x.size
@@ -436,7 +436,7 @@ def block_absmax(x: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Arra
     the integer order is the float order, and every NaN pattern is above ``inf``'s, so one reduce
     both finds the maximum and propagates NaN (a float max does not reliably on XLA:CPU).
     """
-    return _absmax_of_blocks(_blocks(x, block_size))
+    return _absmax_of_blocks(blocks_of(x, block_size))
 
 
 def _absmax_of_blocks(blocks: jax.Array) -> jax.Array:
@@ -448,7 +448,9 @@ def _absmax_of_blocks(blocks: jax.Array) -> jax.Array:
     return _scale_of(jnp.max(_abs_bits(blocks), axis=-1))
 
 
-def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> QuantizedArray:
+def quantize(
+    x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE, scales: jax.Array | None = None
+) -> QuantizedArray:
     """Block-wise absmax quantization of ``x`` (any shape; any float dtype, cast to float32).
 
     ``code`` is a map of 256 sorted float32 values (a NumPy constant such as
@@ -457,6 +459,10 @@ def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> Quant
     maps encode by arithmetic (:func:`dynamic_encode`: no gather, no table); another map by
     ``searchsorted`` over its midpoints (the same codes).
 
+    ``scales``: :func:`block_absmax` of ``x``, computed beforehand (the accelerator step computes
+    it in a pass of its own, so that the float32 ``x`` is never written to memory); by default
+    computed here.
+
     Returns ``QuantizedArray(codes uint8 shaped like x, scales float32[scale_shape(x.shape)])``.
     """
     c = _check_code(code)
@@ -464,28 +470,56 @@ def quantize(x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE) -> Quant
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
-    blocks = _blocks(x.astype(jnp.float32), bs)
+    shape = tuple(x.shape)
+    in_place = scales is not None and _whole_blocks(shape, bs)
+    # the accelerator step (scales given) stays in x's shape: codes written over the old codes
+    # in place (a blocked output is another shape, and XLA would copy it back)
+    blocks = x.astype(jnp.float32) if in_place else blocks_of(x.astype(jnp.float32), bs)
     blocks = jnp.where(jnp.abs(blocks) < FLT_MIN, jnp.float32(0), blocks)  # subnormal inputs count as 0
-    scales = _absmax_of_blocks(blocks)
+    if scales is None:
+        scales = _absmax_of_blocks(blocks)
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
-    y = blocks * (jnp.float32(1) / divisor)[..., None]
+    inv = jnp.float32(1) / divisor
+    y = blocks * (_per_element(inv, shape, bs) if in_place else inv[..., None])
     signed = _dynamic_kind(c)
     if signed is not None:
         idx = dynamic_encode(y, signed)
     else:
         idx = jnp.searchsorted(jnp.asarray(midpoints(c)), y, side="left", method="scan_unrolled")
         idx = jnp.where(jnp.isnan(y), zero_code(c), idx)
-    return QuantizedArray(_like(_unblocks(idx.astype(jnp.uint8), tuple(x.shape)), x), scales)
+    return QuantizedArray(_like(_unblocks(idx.astype(jnp.uint8), shape), x), scales)
+
+
+def _explicit(sharding: Any) -> bool:
+    """Whether ``sharding`` is over a mesh with an Explicit axis."""
+    mesh = getattr(sharding, "mesh", None)
+    return mesh is not None and any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def _gather(code: np.ndarray, codes: jax.Array) -> jax.Array:
+    """``code[codes]``, split like ``codes`` (on an Explicit mesh the gather must be told so)."""
+    sharding = jax.typeof(codes).sharding
+    if not _explicit(sharding):
+        return jnp.asarray(code)[codes.astype(jnp.int32)]
+    return jnp.asarray(code).at[codes.astype(jnp.int32)].get(out_sharding=sharding)
+
+
+def _whole_blocks(shape: tuple[int, ...], block_size: int) -> bool:
+    """Whether a leaf of ``shape`` is cut into blocks by a reshape of its last axes (no padding)."""
+    return math.prod(scale_shape(shape, block_size)) * block_size == math.prod(shape)
+
+
+def _per_element(s: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+    """A per-block array ``s`` (:func:`scale_shape`) repeated over each block's elements, in ``shape``."""
+    return _reshape(jnp.broadcast_to(s[..., None], s.shape + (block_size,)), shape)
 
 
 def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
     """``codes`` with ``x``'s sharding on an Explicit mesh (blocks that straddle shards were gathered)."""
     want = jax.typeof(x).sharding
-    if getattr(want, "mesh", None) is None or not any(
-        t == jax.sharding.AxisType.Explicit for t in getattr(want.mesh, "axis_types", ())
-    ):
+    if not _explicit(want):
         return codes
     if tuple(jax.typeof(codes).sharding.spec) == tuple(want.spec):
         return codes
@@ -493,21 +527,38 @@ def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def dequantize(
-    q: QuantizedArray, code: Leaf, shape: Leaf, block_size: int = DEFAULT_BLOCK_SIZE, dtype: Leaf = jnp.float32
+    q: QuantizedArray,
+    code: Leaf,
+    shape: Leaf,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    dtype: Leaf = jnp.float32,
+    lookup: str | None = None,
 ) -> jax.Array:
     """``code[codes] * scale`` per block, in ``shape`` (an int tuple, or a leaf whose ``.shape`` is used).
 
     Results below the smallest normal float32 are 0 (as on XLA's CPU backend, which
     flushes subnormals; written out so that every backend and the C++ kernel agree).
     Takes the first 8-bit layout too (1-D codes and scales, see :func:`as_layout`).
+
+    ``lookup`` (the accelerator step's two passes; the same values): ``None`` decodes block by
+    block, ``"table"`` or ``"arithmetic"`` in the leaf's own shape by a gather from the map or
+    by :func:`dynamic_decode` (a gather fuses into XLA:GPU's reductions, arithmetic into an
+    update that writes the codes in place: XLA copies an output that a gather indexes by).
     """
     c = _check_code(code)
     bs = _check_block_size(block_size)
     shape = _shape_of(shape)
     codes, scales = as_layout(q, shape, bs)
     signed = _dynamic_kind(c)
+    if lookup is not None and _whole_blocks(shape, bs):  # the accelerator step: in the leaf's shape, see quantize
+        if signed is None or lookup == "table":
+            v = _gather(c, codes)
+        else:
+            v = dynamic_decode(codes, signed)
+        values = v * _per_element(scales.astype(jnp.float32), shape, bs)
+        return jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values).astype(dtype)
     values = dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
-    values = _blocks(values, bs) * scales.astype(jnp.float32)[..., None]
+    values = blocks_of(values, bs) * scales.astype(jnp.float32)[..., None]
     values = jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values)
     return _unblocks(values, shape).astype(dtype)
 

@@ -157,20 +157,8 @@ def moments(sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, 
     return _moments.adam_leaf(g, m, v, v_max, asc, form="kernel", mode="hat")
 
 
-def one_rounding(xs: Leaf) -> Leaf:
-    """``xs`` computed once for all their consumers, on CPU only.
-
-    On XLA:CPU an optimization barrier keeps XLA from recomputing a value per consumer with
-    another FMA contraction, so the stored codes, the block absmax and the direction see one
-    rounding (the fused kernel's); it costs nothing there. On GPU/TPU it would force the float32
-    moments out to memory (3x the step's bytes), so it is left out: there the codes are still
-    today's scheme of the values they encode (docs/quantized_state.md, "bit identities").
-    """
-    return jax.lax.platform_dependent(xs, cpu=jax.lax.optimization_barrier, default=lambda v: v)
-
-
 def moments_coded(
-    sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, codecs: Sequence[MomentCodec]
+    sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, codecs: Sequence[MomentCodec], schedule: str | None = None
 ) -> tuple[Leaf, Leaf, Leaf, Leaf]:
     """:func:`moments` on a unit whose moments may be coded (:class:`adamx.QuantizedArray`,
     ``quantize_moments=True``; docs/quantized_state.md): decode (to float32), the float32 step,
@@ -178,16 +166,71 @@ def moments_coded(
     (``spec.codec(field)``: for ``dynamic8`` the signed map for ``mu``, the unsigned one for the
     others). The direction uses this step's float32 moments; only what is stored is rounded (as
     bitsandbytes and torchao do).
+
+    Two schedules of the same arithmetic, picked by the backend the step is compiled for:
+
+    * XLA:CPU: the new moments computed once (an optimization barrier keeps XLA from
+      recomputing them per consumer with another FMA contraction), so the stored codes, the
+      block absmax and the direction see one rounding, the fused kernel's; the barrier costs
+      nothing there.
+    * GPU: two passes. The first computes the new moments only to reduce them to block
+      absmaxes; the second computes them again (from inputs passed through a barrier, so XLA
+      cannot merge the two) and encodes them with those scales, in the same kernel as the
+      direction and, under jit, the param update. The float32 moments never reach memory:
+      about 22 bytes a float32 param instead of 32 (a barrier on the moments would force them
+      out: 48). Both passes are the same operations on the same values; where a compiler
+      rounds them differently, a value a hair above its block's scale still encodes to the
+      end code (docs/quantized_state.md, "bit identities").
+    * Elsewhere (TPU): one pass, with no barrier (the TPU compiler's own schedule).
+
+    ``schedule`` (``"one_pass"``, ``"two_passes"``, ``"plain"``) forces one on every backend (tests).
     """
     qs = [isinstance(x, _quantize.QuantizedArray) for x in (m, v, v_max)]
     if g is None or not any(qs):
         return moments(sc, g, m, v, v_max)
-    m32, v32, x32 = (c.decode(x, g.shape) if q else x for x, q, c in zip((m, v, v_max), qs, codecs))
-    d, m2, v2, x2 = moments(sc, g, m32, v32, x32)
-    # The new moments feed the direction, the block absmax and the codes: one rounding on CPU.
-    d, m2, v2, x2 = one_rounding((d, m2, v2, x2))
-    m2, v2, x2 = (c.encode(x) if q else x for x, q, c in zip((m2, v2, x2), qs, codecs))
-    return d, m2, v2, x2
+
+    def step(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, lookup: str | None = None) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+        def decode(x: Leaf, c: MomentCodec) -> Leaf:
+            two_pass = lookup and hasattr(c, "scales_of")  # a codec that takes the GPU schedule
+            return c.decode(x, g.shape, lookup=lookup) if two_pass else c.decode(x, g.shape)  # type: ignore[call-arg]
+
+        m32, v32, x32 = (decode(x, c) if q else x for x, q, c in zip((m, v, v_max), qs, codecs))
+        return moments(sc, g, m32, v32, x32)
+
+    def encode(new: tuple[Leaf, ...], scales: Sequence[Leaf]) -> tuple[Leaf, ...]:
+        return tuple(c.encode(x, *s) if q else x for x, q, c, s in zip(new, qs, codecs, scales))
+
+    def one_pass(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+        d, m2, v2, x2 = jax.lax.optimization_barrier(step(g, m, v, v_max))
+        return (d, *encode((m2, v2, x2), [()] * 3))
+
+    def two_passes(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+        scales_of = [getattr(c, "scales_of", None) if q else None for q, c in zip(qs, codecs)]
+        # pass 1, the block absmaxes: the codes decoded by a gather (XLA:GPU fuses it into the reduction)
+        first = step(g, m, v, v_max, "table")[1:]
+        scales = [() if f is None else (f(x),) for x, f in zip(first, scales_of)]
+        # pass 2 from the codes passed through a barrier (no pass-1 value is reused), decoded by
+        # arithmetic: the update writes the codes over the old ones in place
+        fm, fv, fx = jax.lax.optimization_barrier((m, v, v_max))
+        d, m2, v2, x2 = step(g, fm, fv, fx, "arithmetic")
+        return (d, *encode((m2, v2, x2), scales))
+
+    def plain(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+        d, m2, v2, x2 = step(g, m, v, v_max)
+        return (d, *encode((m2, v2, x2), [()] * 3))
+
+    if schedule is not None:
+        return {"one_pass": one_pass, "two_passes": two_passes, "plain": plain}[schedule](g, m, v, v_max)
+    return jax.lax.platform_dependent(
+        g,
+        m,
+        v,
+        v_max,
+        cpu=one_pass,
+        cuda=two_passes,
+        rocm=two_passes,
+        default=plain,
+    )
 
 
 def descent(sc: Scalars, d: Leaf, p: Leaf, decay: bool, dtype: Leaf) -> Leaf:
