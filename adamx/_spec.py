@@ -362,15 +362,22 @@ class AdamOptions(TypedDict, total=False):
     moment_format: MomentFormat
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """A mask value repeated over a params subtree's leaves (not a pytree: a leaf of the mapped tree,
+    so a params tree whose own nodes are lists is not mistaken for it)."""
+
+    values: list[Any]
+
+
 def _mask_leaves(params: PyTree, mask: _decay.MaskOrFn, name: str) -> list[bool]:
     """A pytree of bools like params (or a prefix), or a callable ``params -> such a tree``, as one bool per leaf."""
     m = mask(params) if callable(mask) else mask
     try:
-        per_leaf = jax.tree.map(lambda mk, sub: [mk] * len(jax.tree_util.tree_leaves(sub)), m, params)
+        per_leaf = jax.tree.map(lambda mk, sub: _Run([mk] * len(jax.tree_util.tree_leaves(sub))), m, params)
     except (ValueError, TypeError) as e:
         raise ValueError(f"`{name}` must be a pytree of bools shaped like params (or a prefix of it): {e}") from e
-    lists = jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
-    out = [v for lst in lists for v in lst]
+    out = [v for run in jax.tree_util.tree_leaves(per_leaf) for v in run.values]
     for v in out:
         if not isinstance(v, bool):
             raise ValueError(f"`{name}` leaves must be Python bools, got {v!r}.")

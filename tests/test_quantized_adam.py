@@ -345,6 +345,20 @@ def test_state_bytes_per_param():
     assert adamx.state_bytes_per_param((ams.mu["w"], ams.nu["w"], ams.nu_max["w"]), {"w": params["w"]}) == 3 + 12 / 256
 
 
+@pytest.mark.parametrize("node", [list, tuple])
+def test_mask_of_a_params_tree_whose_top_is_a_list_or_tuple(node):
+    """A mask shaped like params whose top node is a list (a model's layers) picks leaf by leaf
+    (a list mask was once read as one leaf: "leaves must be Python bools, got {'w': [True]}")."""
+    params = node([{"w": jnp.ones((64, 64))}, {"w": jnp.ones((64, 64))}])
+    st = adamx.adam(quantize_moments=True, quantize_min_size=1, quantize_mask=node([{"w": True}, {"w": False}])).init(
+        params
+    )
+    assert isinstance(st.mu[0]["w"], Q.QuantizedArray)
+    assert not isinstance(st.mu[1]["w"], Q.QuantizedArray)
+    with pytest.raises(ValueError, match="quantize_mask` leaves must be Python bools, got 1"):
+        adamx.adam(quantize_moments=True, quantize_mask=node([{"w": 1}, {"w": True}])).init(params)
+
+
 def test_min_size_and_mask_keep_float32_leaves():
     params = {
         "emb": jnp.ones((64, 128)),
