@@ -145,8 +145,8 @@ class Dynamic8(_Blockwise):
     def zeros(self, leaf: Leaf) -> QuantizedArray:
         return _quantize.quantized_zeros(leaf, self.code, self.block_size)  # the code of 0 is not 0
 
-    def encode(self, x: jax.Array, scales: jax.Array | None = None) -> QuantizedArray:
-        return _quantize.quantize(x, self.code, self.block_size, scales)
+    def encode(self, x: jax.Array, scales: jax.Array | None = None, lanes: bool = False) -> QuantizedArray:
+        return _quantize.quantize(x, self.code, self.block_size, scales, lanes)
 
     def scales_of(self, x: jax.Array) -> jax.Array:
         """The scales :meth:`encode` gives ``x`` (its blocks' absmax), for a separate reduction pass."""

@@ -449,7 +449,7 @@ def _absmax_of_blocks(blocks: jax.Array) -> jax.Array:
 
 
 def quantize(
-    x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE, scales: jax.Array | None = None
+    x: Leaf, code: Leaf, block_size: int = DEFAULT_BLOCK_SIZE, scales: jax.Array | None = None, lanes: bool = False
 ) -> QuantizedArray:
     """Block-wise absmax quantization of ``x`` (any shape; any float dtype, cast to float32).
 
@@ -461,7 +461,9 @@ def quantize(
 
     ``scales``: :func:`block_absmax` of ``x``, computed beforehand (the accelerator step computes
     it in a pass of its own, so that the float32 ``x`` is never written to memory); by default
-    computed here.
+    computed here. ``lanes`` (the TPU step): where :func:`lane_blocks` allows, every block is
+    read and scaled in ``x``'s own shape by static slices and selects along its last axis, with
+    no reshape (a reshape into blocks is a relayout copy on a TPU). Same codes and scales.
 
     Returns ``QuantizedArray(codes uint8 shaped like x, scales float32[scale_shape(x.shape)])``.
     """
@@ -471,18 +473,19 @@ def quantize(
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
     shape = tuple(x.shape)
-    in_place = scales is not None and _whole_blocks(shape, bs)
+    lanes = lanes and lanes_apply(x, bs)
+    in_place = lanes or (scales is not None and _whole_blocks(shape, bs))
     # the accelerator step (scales given) stays in x's shape: codes written over the old codes
     # in place (a blocked output is another shape, and XLA would copy it back)
     blocks = x.astype(jnp.float32) if in_place else blocks_of(x.astype(jnp.float32), bs)
     blocks = jnp.where(jnp.abs(blocks) < FLT_MIN, jnp.float32(0), blocks)  # subnormal inputs count as 0
     if scales is None:
-        scales = _absmax_of_blocks(blocks)
+        scales = lane_absmax(blocks, bs) if lanes else _absmax_of_blocks(blocks)
     divisor = jnp.where(scales == 0, jnp.float32(1), scales)
     # multiply by the reciprocal: XLA rewrites a division by a broadcast into this anyway under
     # jit (eagerly it would not); written out, eager, jit, C++ and NumPy all agree
     inv = jnp.float32(1) / divisor
-    y = blocks * (_per_element(inv, shape, bs) if in_place else inv[..., None])
+    y = blocks * (_per_element(inv, shape, bs, lanes) if in_place else inv[..., None])
     signed = _dynamic_kind(c)
     if signed is not None:
         idx = dynamic_encode(y, signed)
@@ -511,9 +514,56 @@ def _whole_blocks(shape: tuple[int, ...], block_size: int) -> bool:
     return math.prod(scale_shape(shape, block_size)) * block_size == math.prod(shape)
 
 
-def _per_element(s: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
-    """A per-block array ``s`` (:func:`scale_shape`) repeated over each block's elements, in ``shape``."""
-    return _reshape(jnp.broadcast_to(s[..., None], s.shape + (block_size,)), shape)
+def _per_element(s: jax.Array, shape: tuple[int, ...], block_size: int, lanes: bool = False) -> jax.Array:
+    """A per-block array ``s`` (:func:`scale_shape`) repeated over each block's elements, in ``shape``.
+
+    ``lanes``: by one select per block of a row along the last axis (elementwise, fused by every
+    compiler), instead of a broadcast and a reshape (a relayout on a TPU).
+    """
+    if not lanes:
+        return _reshape(jnp.broadcast_to(s[..., None], s.shape + (block_size,)), shape)
+    block = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) // block_size
+    out = jnp.broadcast_to(s[..., :1], shape)
+    for j in range(1, s.shape[-1]):
+        out = jnp.where(block == j, s[..., j : j + 1], out)
+    return out
+
+
+LANE_BLOCKS_MAX = 32
+"""The most blocks per row that the ``lanes`` formulation takes (one select per block and element)."""
+
+
+def lane_blocks(shape: tuple[int, ...], block_size: int) -> int:
+    """Blocks per row along the last axis where a leaf of ``shape`` keeps its leading axes in its
+    scales (:func:`scale_shape`) and has at most :data:`LANE_BLOCKS_MAX` of them, else 0."""
+    shape = tuple(shape)
+    ss = scale_shape(shape, block_size)
+    if len(shape) < 2 or len(ss) != len(shape) or shape[-1] != ss[-1] * block_size:
+        return 0
+    return ss[-1] if ss[-1] <= LANE_BLOCKS_MAX else 0
+
+
+def lanes_apply(x: jax.Array, block_size: int) -> bool:
+    """Whether the ``lanes`` formulation takes ``x`` (:func:`lane_blocks`), and its last axis is known
+    whole on each device: not split on an Explicit mesh, and no multi-device mesh with other axis
+    types in context (there XLA may split it, and a slice of a split axis costs collectives)."""
+    if lane_blocks(tuple(x.shape), block_size) == 0:
+        return False
+    sharding = jax.typeof(x).sharding
+    if _explicit(sharding):
+        spec = tuple(sharding.spec)
+        return len(spec) < x.ndim or spec[x.ndim - 1] is None
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
+def lane_absmax(x: jax.Array, block_size: int) -> jax.Array:
+    """:func:`block_absmax` of a leaf that :func:`lane_blocks` takes, by static slices of its last axis
+    (no reshape): the same integer max over the bit patterns, per block."""
+    x = x.astype(jnp.float32)
+    bits = _abs_bits(x)
+    n = x.shape[-1] // block_size
+    return _scale_of(jnp.stack([jnp.max(bits[..., j * block_size : (j + 1) * block_size], -1) for j in range(n)], -1))
 
 
 def _like(codes: jax.Array, x: jax.Array) -> jax.Array:
@@ -540,22 +590,24 @@ def dequantize(
     flushes subnormals; written out so that every backend and the C++ kernel agree).
     Takes the first 8-bit layout too (1-D codes and scales, see :func:`as_layout`).
 
-    ``lookup`` (the accelerator step's two passes; the same values): ``None`` decodes block by
-    block, ``"table"`` or ``"arithmetic"`` in the leaf's own shape by a gather from the map or
-    by :func:`dynamic_decode` (a gather fuses into XLA:GPU's reductions, arithmetic into an
-    update that writes the codes in place: XLA copies an output that a gather indexes by).
+    ``lookup`` (the accelerator steps; the same values): ``None`` decodes block by block,
+    ``"table"`` or ``"arithmetic"`` in the leaf's own shape by a gather from the map or by
+    :func:`dynamic_decode` (a gather fuses into XLA:GPU's reductions, arithmetic into an update
+    that writes the codes in place: XLA copies an output that a gather indexes by); ``"lanes"``
+    by :func:`dynamic_decode` with the scales spread by selects (see :func:`quantize`).
     """
     c = _check_code(code)
     bs = _check_block_size(block_size)
     shape = _shape_of(shape)
     codes, scales = as_layout(q, shape, bs)
     signed = _dynamic_kind(c)
-    if lookup is not None and _whole_blocks(shape, bs):  # the accelerator step: in the leaf's shape, see quantize
+    lanes = lookup == "lanes" and lanes_apply(codes, bs)
+    if lanes or (lookup in ("table", "arithmetic") and _whole_blocks(shape, bs)):  # in the leaf's shape
         if signed is None or lookup == "table":
             v = _gather(c, codes)
         else:
             v = dynamic_decode(codes, signed)
-        values = v * _per_element(scales.astype(jnp.float32), shape, bs)
+        values = v * _per_element(scales.astype(jnp.float32), shape, bs, lanes)
         return jnp.where(jnp.abs(values) < FLT_MIN, jnp.float32(0), values).astype(dtype)
     values = dynamic_decode(codes, signed) if signed is not None else jnp.asarray(c)[codes.astype(jnp.int32)]
     values = blocks_of(values, bs) * scales.astype(jnp.float32)[..., None]

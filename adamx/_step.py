@@ -167,7 +167,7 @@ def moments_coded(
     others). The direction uses this step's float32 moments; only what is stored is rounded (as
     bitsandbytes and torchao do).
 
-    Two schedules of the same arithmetic, picked by the backend the step is compiled for:
+    Schedules of the same arithmetic, picked by the backend the step is compiled for:
 
     * XLA:CPU: the new moments computed once (an optimization barrier keeps XLA from
       recomputing them per consumer with another FMA contraction), so the stored codes, the
@@ -181,9 +181,15 @@ def moments_coded(
       out: 48). Both passes are the same operations on the same values; where a compiler
       rounds them differently, a value a hair above its block's scale still encodes to the
       end code (docs/quantized_state.md, "bit identities").
-    * Elsewhere (TPU): one pass, with no barrier (the TPU compiler's own schedule).
+    * TPU (``"lanes"``): one pass without barrier in the leaf's own shape, the blocks of a row cut
+      by static slices and scaled by selects along the last axis (a reshape into blocks is a
+      relayout copy on a TPU: 63 instead of 128 bytes a float32 param); where the last axis may
+      be split over devices, or holds more than 32 blocks, the blocked formulation
+      (:func:`adamx._quantize.lanes_apply`).
+    * Elsewhere (``"plain"``): one pass in blocks, no barrier.
 
-    ``schedule`` (``"one_pass"``, ``"two_passes"``, ``"plain"``) forces one on every backend (tests).
+    ``schedule`` (``"one_pass"``, ``"two_passes"``, ``"lanes"``, ``"plain"``) forces one on every
+    backend (tests).
     """
     qs = [isinstance(x, _quantize.QuantizedArray) for x in (m, v, v_max)]
     if g is None or not any(qs):
@@ -219,8 +225,16 @@ def moments_coded(
         d, m2, v2, x2 = step(g, m, v, v_max)
         return (d, *encode((m2, v2, x2), [()] * 3))
 
+    def lanes(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+        # the TPU's: one pass in the leaf's own shape, blocks by slices and selects (no reshape)
+        d, m2, v2, x2 = step(g, m, v, v_max, "lanes")
+        kw = [{"lanes": True} if hasattr(c, "scales_of") else {} for c in codecs]
+        return (d, *(c.encode(x, **k) if q else x for x, q, c, k in zip((m2, v2, x2), qs, codecs, kw)))
+
     if schedule is not None:
-        return {"one_pass": one_pass, "two_passes": two_passes, "plain": plain}[schedule](g, m, v, v_max)
+        return {"one_pass": one_pass, "two_passes": two_passes, "plain": plain, "lanes": lanes}[schedule](
+            g, m, v, v_max
+        )
     return jax.lax.platform_dependent(
         g,
         m,
@@ -229,6 +243,7 @@ def moments_coded(
         cpu=one_pass,
         cuda=two_passes,
         rocm=two_passes,
+        tpu=lanes,
         default=plain,
     )
 

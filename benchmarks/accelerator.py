@@ -548,7 +548,8 @@ def _compile_and_measure(
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    ctx = jax.set_mesh(mesh) if explicit else _null()
+    # an Auto mesh is set too, as a user of one does (`jax.set_mesh`; adamx reads it: docs/performance.md)
+    ctx = jax.set_mesh(mesh) if mesh is not None else _null()
     with ctx:
         abstract_state = jax.eval_shape(tx.init, params)
         if layout == "single":

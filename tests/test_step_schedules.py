@@ -51,6 +51,36 @@ def test_quantize_with_precomputed_scales_equals_quantize(code, signed, shape):
     np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
 
 
+@pytest.mark.parametrize("shape", [(16, 512), (8, 4, 1024), (4, 256 * 32)])
+def test_lane_absmax_equals_block_absmax(shape):
+    """The TPU schedule's block absmax (static slices of the last axis, no reshape) is
+    block_absmax's, NaN/inf/zero/subnormal blocks included; quantize with ``lanes`` gives
+    quantize's codes and scales, and decoding with ``lookup="lanes"`` dequantize's values."""
+    x = _hard_values(shape, seed=2)
+    assert Q.lane_blocks(shape, 256) == shape[-1] // 256
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(Q.lane_absmax, static_argnums=1)(x, 256)), np.asarray(Q.block_absmax(x))
+    )
+    for code, signed in (SIGNED, UNSIGNED):
+        y = x if signed else jnp.abs(x)
+        want = Q.quantize(y, code)
+        got = jax.jit(lambda y, code=code: Q.quantize(y, code, lanes=True))(y)
+        np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
+        np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+        finite = Q.quantize(jnp.where(jnp.isfinite(y), y, 0.0), code)
+        ref = np.asarray(Q.dequantize(finite, code, shape))
+        dec = jax.jit(lambda q, code=code: Q.dequantize(q, code, shape, lookup="lanes"))(finite)
+        np.testing.assert_array_equal(np.asarray(dec), ref)
+
+
+def test_lanes_only_where_the_last_axis_is_whole():
+    """More than LANE_BLOCKS_MAX blocks a row, 1-D scales or a 1-D leaf: the blocked path."""
+    assert Q.lane_blocks((4, 256 * (Q.LANE_BLOCKS_MAX + 1)), 256) == 0
+    assert Q.lane_blocks((4, 300), 256) == 0
+    assert Q.lane_blocks((4096,), 256) == 0
+    assert Q.lane_blocks((3, 512), 256) == 2
+
+
 @pytest.mark.parametrize("code,signed", [SIGNED, UNSIGNED])
 def test_a_value_a_hair_above_its_scale_encodes_to_the_end_code(code, signed):
     """Where a compiler rounds the two passes differently, the value encoded may exceed the scale of
@@ -93,7 +123,7 @@ def _steps(opt, params, grads):
     return out
 
 
-@pytest.mark.parametrize("schedule", ["two_passes", "plain"])
+@pytest.mark.parametrize("schedule", ["two_passes", "plain", "lanes"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("kwargs", [{}, {"amsgrad": True}, {"moment_format": "fp8"}, {"moment_format": "4bit"}])
 def test_every_schedule_gives_the_cpu_schedules_steps(monkeypatch, schedule, dtype, kwargs):
@@ -114,11 +144,13 @@ def test_every_schedule_gives_the_cpu_schedules_steps(monkeypatch, schedule, dty
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), (u, s), (u0, s0))
 
 
+@pytest.mark.parametrize("schedule", ["two_passes", "lanes"])
 @pytest.mark.parametrize("spec", [("xy", None), (None, "xy"), ("x", "y")])
-def test_gpu_schedule_on_an_explicit_mesh_splits_like_params_without_collectives(monkeypatch, spec):
-    """The two-pass schedule on an Explicit 2x4 mesh (params split along either axis or both): the
-    same steps as the CPU schedule on the same mesh, the state split like the params, and no
-    collective in the compiled step."""
+def test_accelerator_schedules_on_an_explicit_mesh_split_like_params_without_collectives(monkeypatch, spec, schedule):
+    """The GPU (two passes) and TPU (lanes) schedules on an Explicit 2x4 mesh (params split along
+    either axis or both; lanes falls back to blocks where the last axis is split): the same steps
+    as the CPU schedule on the same mesh, the state split like the params, and no collective in
+    the compiled step."""
     devices = jax.devices()
     assert len(devices) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test)"
     mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
@@ -132,7 +164,7 @@ def test_gpu_schedule_on_an_explicit_mesh_splits_like_params_without_collectives
             for _ in range(3)
         ]
         want = _steps(adamx.adam(1e-3, quantize_moments=True), params, grads)
-        monkeypatch.setattr(_step, "moments_coded", functools.partial(_step.moments_coded, schedule="two_passes"))
+        monkeypatch.setattr(_step, "moments_coded", functools.partial(_step.moments_coded, schedule=schedule))
         opt = adamx.adam(1e-3, quantize_moments=True)  # a new optimizer: its update is traced anew
         got = _steps(opt, params, grads)
         hlo = jax.jit(opt.update).lower(grads[0], opt.init(params), params).compile().as_text()
