@@ -174,7 +174,7 @@ class Fp8(_WholeBlocks):
     block_size: int = _lowbit.FP8_BLOCK_SIZE
     min_size: int = _lowbit.MIN_QUANTIZED_SIZE
     name: ClassVar[str] = "fp8"
-    kernel: ClassVar[str | None] = None
+    kernel: ClassVar[str | None] = "fp8"
 
     def zeros(self, leaf: Leaf) -> QuantizedArray:
         s = self.state_shapes(_shape(leaf))
@@ -211,7 +211,7 @@ class Nibble4(_WholeBlocks):
     min_size: int = _lowbit.MIN_QUANTIZED_SIZE
     block_size: int = _lowbit.Q4_BLOCK_SIZE
     name: ClassVar[str] = "4bit"
-    kernel: ClassVar[str | None] = None
+    kernel: ClassVar[str | None] = "4bit"
 
     def encode(self, x: jax.Array) -> QuantizedArray:
         enc = _lowbit.m4_encode if self.signed_m else _lowbit.v4_encode
