@@ -898,6 +898,7 @@ template <> struct LCodec<kFp8> {  // e4m3fn codes in the param's shape, block 2
 };
 template <> struct LCodec<kQ4> {  // two 4-bit codes per byte, block 128
   static constexpr int64_t kBlock = 128, kPerByte = 2;
+  static_assert(kBlock <= static_cast<int64_t>(lb::kQ4MaxBlock), "the 4-bit codec's scratch holds one block");
   static void decode(const lb::Q4Map& q, const uint8_t* c, float s, float* out) {
     lb::q4_decode_block(q, c, s, kBlock, out);
   }
