@@ -95,6 +95,7 @@ int main(int argc, char** argv) {
     lb::q4_encode_block(lm.m, m.data() + b * 128, 128, hmc.data() + b * 64, hms.data() + b);
     lb::q4_encode_block(lm.v, v.data() + b * 128, 128, hvc.data() + b * 64, hvs.data() + b);
   }
+  std::vector<float> os4(nc / 128);
   LLeaf fleaf{}, hleaf{};
   for (LLeaf* l : {&fleaf, &hleaf}) {
     l->p = p.data(); l->g = g.data(); l->clip_denom = 1.0f;
@@ -114,10 +115,10 @@ int main(int argc, char** argv) {
     for (int64_t b = 0; b < nc / 128; ++b) lb::q4_decode_block(lm.m, hmc.data() + b * 64, hms[b], 128, out.data() + b * 128);
   });
   const double q4_enc_m = best_ns(R, nc, [&] {
-    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_encode_block(lm.m, m.data() + b * 128, 128, oc.data() + b * 64, os.data() + b);
+    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_encode_block(lm.m, m.data() + b * 128, 128, oc.data() + b * 64, os4.data() + b);
   });
   const double q4_enc_v = best_ns(R, nc, [&] {
-    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_encode_block(lm.v, v.data() + b * 128, 128, oc.data() + b * 64, os.data() + b);
+    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_encode_block(lm.v, v.data() + b * 128, 128, oc.data() + b * 64, os4.data() + b);
   });
   const double fp8_l2 = best_ns(R, nc, [&] { lstep_segment<kFp8, float, float, false, false, false>(fleaf, lm, 0, nc, s); });
   const double q4_l2 = best_ns(R, nc, [&] { lstep_segment<kQ4, float, float, false, false, false>(hleaf, lm, 0, nc, s); });
