@@ -96,8 +96,8 @@ ADAMX_LOWBIT_WIDE inline float block_absmax(const float* __restrict x, std::size
 }
 
 // One fp8 block of `count` values: codes[i] and the block's scale.
-ADAMX_LOWBIT_WIDE inline void fp8_encode_block(const float* __restrict x, std::size_t count, std::uint8_t* __restrict codes,
-                             float* __restrict scale_out) {
+ADAMX_LOWBIT_WIDE inline void fp8_encode_block(const float* __restrict x, std::size_t count,
+                                               std::uint8_t* __restrict codes, float* __restrict scale_out) {
   const float scale = block_absmax(x, count) / 448.0f;  // a true division (448 has no exact reciprocal)
   *scale_out = scale;
   for (std::size_t i = 0; i < count; ++i) {
@@ -106,8 +106,8 @@ ADAMX_LOWBIT_WIDE inline void fp8_encode_block(const float* __restrict x, std::s
   }
 }
 
-ADAMX_LOWBIT_WIDE inline void fp8_decode_block(const std::uint8_t* __restrict codes, float scale, std::size_t count,
-                             float* __restrict out) {
+ADAMX_LOWBIT_WIDE inline void fp8_decode_block(const std::uint8_t* __restrict codes, float scale,
+                                               std::size_t count, float* __restrict out) {
   for (std::size_t i = 0; i < count; ++i) out[i] = e4m3fn_value(codes[i]) * scale;
 }
 
