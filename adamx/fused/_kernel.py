@@ -211,7 +211,8 @@ def _run_groups(
         if not idx:
             continue
         ops: list[ArrayLike] = [scal, denoms[np.asarray(idx)]]
-        lowbit = q and pl.spec.moment_format != "dynamic8"
+        tag = pl.spec.codec("mu").kernel  # the plan only runs the tags the kernel knows
+        lowbit = q and tag in LOWBIT_FORMATS
         if q:
             ops.append(_LOWBIT_TABLES if lowbit else _CODE_MAPS)
         else:  # the plan refuses param_rounding with 8-bit moments: nearest, keys unused
@@ -235,7 +236,7 @@ def _run_groups(
         flags = {k: v for k, v in attrs.items() if k != "rounding"}
         if lowbit:
             r = jax.ffi.ffi_call(_build.LOWBIT_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
-                *ops, decay=decay, format=np.int64(LOWBIT_FORMATS[pl.spec.moment_format]), **flags
+                *ops, decay=decay, format=np.int64(LOWBIT_FORMATS[str(tag)]), **flags
             )
         elif q:
             r = jax.ffi.ffi_call(_build.Q8_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
