@@ -18,13 +18,16 @@ The formats (:data:`FORMATS`, the values of ``moment_format``):
     4bit       uint8[size // 2], two codes per byte     [size // 128]                   1.06
 
 * ``dynamic8`` (:class:`Dynamic8`): bitsandbytes' dynamic maps, signed for ``mu``, unsigned for
-  ``nu``/``nu_max``, ``quantize_block_size`` blocks (adamx/_quantize.py). The default; the only
-  format the fused C++ kernel runs (``kernel="dynamic8"``).
+  ``nu``/``nu_max``, ``quantize_block_size`` blocks (adamx/_quantize.py). The default; the fused
+  C++ kernel's 8-bit call runs it (``kernel="dynamic8"``).
 * ``fp8`` (:class:`Fp8`): torchao's ``AdamFp8``, e4m3fn codes with one scale per 256 elements.
 * ``4bit`` (:class:`Nibble4`): torchao's ``Adam4bit``, block 128: the signed 3-exponent map for
   ``mu``, ``k/16`` (no zero) for ``nu``/``nu_max``. **Packed layout**: the codes of the row-major
   flattening, two per byte, ``byte[k] = code[2k] << 4 | code[2k+1]`` (torchao's order), as a 1-D
   ``uint8[size // 2]``; ``scales[b]`` is the absmax of elements ``128 b .. 128 b + 127``.
+
+The fused kernel runs fp8 and 4bit too (``kernel="fp8"`` / ``"4bit"``: its low-bit call, with the
+codecs of adamx/_lowbit.h), bit for bit as ``update`` (tests/test_lowbit_fused.py).
 
 fp8 and 4bit take a leaf as torchao does (:func:`adamx._lowbit.quantizes`): at least
 ``quantize_min_size`` elements (default 4096, torchao's) and a whole number of blocks; other
@@ -183,7 +186,7 @@ class Fp8(_WholeBlocks):
     block_size: int = _lowbit.FP8_BLOCK_SIZE
     min_size: int = _lowbit.MIN_QUANTIZED_SIZE
     name: ClassVar[str] = "fp8"
-    kernel: ClassVar[str | None] = None
+    kernel: ClassVar[str | None] = "fp8"
 
     def zeros(self, leaf: Leaf) -> QuantizedArray:
         s = self.state_shapes(_shape(leaf))
@@ -220,7 +223,7 @@ class Nibble4(_WholeBlocks):
     min_size: int = _lowbit.MIN_QUANTIZED_SIZE
     block_size: int = _lowbit.Q4_BLOCK_SIZE
     name: ClassVar[str] = "4bit"
-    kernel: ClassVar[str | None] = None
+    kernel: ClassVar[str | None] = "4bit"
 
     def encode(self, x: jax.Array) -> QuantizedArray:
         enc = _lowbit.m4_encode if self.signed_m else _lowbit.v4_encode

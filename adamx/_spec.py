@@ -425,8 +425,8 @@ class AdamSpec:
       ``"fp8"`` (torchao ``AdamFp8``: e4m3fn codes, one scale per 256 elements) or ``"4bit"``
       (torchao ``Adam4bit``: packed 4-bit codes, one scale per 128). fp8 and 4bit use their
       fixed blocks (``quantize_block_size`` must stay 256 or be that block), take only leaves
-      that are a whole number of blocks, run on the reference step (not fused) and do not
-      combine with ``flat_state=True``.
+      that are a whole number of blocks, run fused as ``dynamic8`` does, and do not combine
+      with ``flat_state=True``.
 
     Frozen: build a changed copy with ``dataclasses.replace(spec, ...)`` (validated again).
     Numeric options may be traced values (``optax.inject_hyperparams`` passes them); those

@@ -1,4 +1,4 @@
-"""8-bit moments: what each piece of the fused step costs per element, one thread.
+"""Quantized moments: what each piece of the fused steps (8-bit, fp8, 4-bit) costs per element, one thread.
 
 Builds ``benchmarks/cpp/quantized_codec.cc`` with the fused kernel's own flags
 (``adamx.fused._build.flags()``, ``-O3 -march=native``; it includes ``kernel.cc``, so it
@@ -10,7 +10,9 @@ times the kernel's functions) and prints ns/element, best of many rounds:
   and one compare per element);
 * ``f32_step_L1`` / ``_L2`` / ``_stream``: the float32 step (the arithmetic both steps share),
   with its arrays in L1, in L2, and streamed from memory (``--n`` elements);
-* ``q8_step_L2`` / ``_stream``: the whole 8-bit step (decode, step, encode per block).
+* ``q8_step_L2`` / ``_stream``: the whole 8-bit step (decode, step, encode per block);
+* ``fp8_*`` / ``4bit_*``: the same pieces for ``moment_format="fp8"`` / ``"4bit"`` (adamx/_lowbit.h:
+  decode, encode of ``mu`` and ``nu``, the whole step in L2 and streamed).
 
 Writes ``benchmarks/results/quantized_codec.json``.
 
@@ -28,7 +30,7 @@ import tempfile
 import numpy as np
 
 from adamx._quantize import SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP
-from adamx.fused import _build
+from adamx.fused import _build, _kernel
 from benchmarks import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +45,8 @@ def main() -> None:
     assert cxx is not None, "needs a C++ compiler"
     with tempfile.TemporaryDirectory() as tmp:
         maps = os.path.join(tmp, "maps.bin")
-        np.concatenate([SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP]).astype(np.float32).tofile(maps)
+        tables = [SIGNED_DYNAMIC_MAP, UNSIGNED_DYNAMIC_MAP, _kernel._LOWBIT_TABLES]
+        np.concatenate(tables).astype(np.float32).tofile(maps)
         exe = os.path.join(tmp, "quantized_codec")
         fl = [x for x in _build.flags() if x not in ("-shared", "-fPIC")]
         src = os.path.join(HERE, "cpp", "quantized_codec.cc")

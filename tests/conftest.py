@@ -22,6 +22,7 @@ SLOW = [
     "tests/test_performance_paths.py::test_fused_equals_reference[*",
     "tests/test_performance_paths.py::test_fused_flat_equals_reference[*",
     "tests/test_quantized_adam.py::test_fused_equals_reference_bit_for_bit[*",
+    "tests/test_lowbit_fused.py::test_fused_equals_reference_bit_for_bit[*",
     "tests/test_param_rounding.py::test_fused_equals_reference_bit_for_bit[*",
     "tests/test_schedules_and_config.py::test_schedule_values_equal_keras[*",
     "tests/test_sweep.py::test_sweep_case[*",

@@ -24,6 +24,7 @@ import adamx
 from adamx import _codecs, _lowbit, _step
 from adamx import _quantize as Q
 from tests.conftest import REFERENCE_DIR
+from tests.test_lowbit_fused import assert_close
 
 NPZ = os.path.join(REFERENCE_DIR, "torchao_lowbit.npz")
 FORMATS = ("dynamic8", "fp8", "4bit")
@@ -165,15 +166,19 @@ def test_combinations_run_and_apply_gradients_equals_update(fmt, combo):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    fallback = jax.jit(opt.apply_gradients)
+    fused = jax.jit(opt.apply_gradients)  # the fused kernel where it is built (tests/test_lowbit_fused.py)
     for i in range(4):
         g = _grads(params, i)
         p1, s1 = by_update(g, s1, p1)
-        p2, s2 = fallback(g, s2, p2)
-    assert adamx.fused.why_not(opt, _grads(params, 0), s2, p2) is not None
+        p2, s2 = fused(g, s2, p2)
+    if adamx.fused.available():
+        assert adamx.fused.why_not(opt, _grads(params, 0), s2, p2) is None
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p1))
-    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
-        assert np.array_equal(_bits(a), _bits(b))
+    if "clipnorm" in combo and adamx.fused.available():  # the fused norms are summed in another order
+        assert_close((p2, s2), (p1, s1), fmt, 0.01)
+    else:
+        for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+            assert np.array_equal(_bits(a), _bits(b))
     assert isinstance(s1.mu["w"], Q.QuantizedArray)
     if "amsgrad" in combo:
         assert isinstance(s1.nu_max["w"], Q.QuantizedArray)

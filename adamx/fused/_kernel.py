@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamx import _clipping, _decay, _rounding, _step
+from adamx import _clipping, _decay, _lowbit, _rounding, _step
 from adamx._flat import FlatBuffers
 from adamx._quantize import QuantizedArray
 from adamx._state import AnyAdamState, code_map, make_state
@@ -200,10 +200,10 @@ def _run_groups(
     attrs: dict[str, np.int64],
     quantized: list[bool],
 ) -> list[jax.Array | QuantizedArray]:
-    """One group of leaves, some with 8-bit moments (``quantize_moments``): the float leaves go
-    through the float kernel call, the 8-bit ones through :data:`_build.Q8_TARGET`. Returns the
-    outputs per leaf in the float call's order (``p, mu, nu[, nu_max][, acc][, ema]``), an 8-bit
-    moment as one :class:`QuantizedArray`."""
+    """One group of leaves, some with coded moments (``quantize_moments``): the float leaves go
+    through the float kernel call, the coded ones through :data:`_build.Q8_TARGET` (``dynamic8``)
+    or :data:`_build.LOWBIT_TARGET` (``fp8``, ``4bit``). Returns the outputs per leaf in the float
+    call's order (``p, mu, nu[, nu_max][, acc][, ema]``), a coded moment as one :class:`QuantizedArray`."""
     mu_l, nu_l, nm_l, acc_l, ema_l = pl.mu, pl.nu, pl.nu_max, pl.acc, pl.ema
     per_leaf: dict[int, list[jax.Array | QuantizedArray]] = {}
     for q in (False, True):
@@ -211,8 +211,10 @@ def _run_groups(
         if not idx:
             continue
         ops: list[ArrayLike] = [scal, denoms[np.asarray(idx)]]
+        tag = pl.spec.codec("mu").kernel  # the plan only runs the tags the kernel knows
+        lowbit = q and tag in LOWBIT_FORMATS
         if q:
-            ops.append(_CODE_MAPS)
+            ops.append(_LOWBIT_TABLES if lowbit else _CODE_MAPS)
         else:  # the plan refuses param_rounding with 8-bit moments: nearest, keys unused
             ops.append(jnp.zeros((len(idx),), jnp.uint32))
         outs: list[jax.ShapeDtypeStruct] = []
@@ -231,12 +233,14 @@ def _run_groups(
                 ops.append(x)
                 outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
         decay = np.asarray([bool(keep[i]) for i in idx], np.int64)
-        if q:
+        flags = {k: v for k, v in attrs.items() if k != "rounding"}
+        if lowbit:
+            r = jax.ffi.ffi_call(_build.LOWBIT_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
+                *ops, decay=decay, format=np.int64(LOWBIT_FORMATS[str(tag)]), **flags
+            )
+        elif q:
             r = jax.ffi.ffi_call(_build.Q8_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
-                *ops,
-                decay=decay,
-                block=np.int64(pl.spec.quantize_block_size),
-                **{k: v for k, v in attrs.items() if k != "rounding"},
+                *ops, decay=decay, block=np.int64(pl.spec.quantize_block_size), **flags
             )
         else:
             r = jax.ffi.ffi_call(_build.STEP_TARGET, outs, input_output_aliases=aliases, vmap_method="sequential")(
@@ -256,3 +260,9 @@ def _run_groups(
 
 # the 8-bit kernel's code maps operand: the signed map (mu), then the unsigned map (nu, nu_max)
 _CODE_MAPS = np.concatenate([code_map("mu"), code_map("nu")]).astype(np.float32)
+# the low-bit kernel's operands: its format codes, and the 4-bit tables (mu's map and thresholds,
+# then nu's; adamx/_lowbit.h's Q4Map), which fp8 does not read
+LOWBIT_FORMATS = {"fp8": 1, "4bit": 2}
+_LOWBIT_TABLES = np.concatenate(
+    [_lowbit.M4_MAP, _lowbit.q4_thresholds(_lowbit.M4_MAP), _lowbit.V4_MAP, _lowbit.q4_thresholds(_lowbit.V4_MAP)]
+).astype(np.float32)

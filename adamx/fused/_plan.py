@@ -22,7 +22,7 @@ import numpy as np
 
 from adamx import _checks, _codecs, _quantize, _state, _tree
 from adamx._flat import FlatBuffers
-from adamx._spec import AdamSpec, FusedSupport, options_table
+from adamx._spec import AdamSpec, FusedSupport, StateField, options_table
 from adamx._state import AdamState, AnyAdamState, KahanAdamState
 from adamx._types import ArrayLike, DType, PyTree
 from adamx.fused import _build
@@ -52,10 +52,17 @@ def _acc_dtype(value: DType | None) -> str | None:
     return f"unsupported accumulator dtype ({jnp.dtype(value).name}; the kernel keeps float32 or bfloat16)"
 
 
+# The codecs' kernel tags the fused kernel runs: dynamic8 (the 8-bit call), fp8 and 4bit (the low-bit call).
+KERNEL_FORMATS = frozenset({"dynamic8", "fp8", "4bit"})
+
+
 def _moment_format(value: str) -> str | None:
-    if _codecs.codec(value, "mu", 256, 4096).kernel == "dynamic8":
+    if _codecs.codec(value, "mu", 256, 4096).kernel in KERNEL_FORMATS:
         return None
-    return f"moment_format={value!r} has no fused kernel (only 'dynamic8'); the reference step runs it"
+    return (
+        f"moment_format={value!r} has no fused kernel (only {', '.join(sorted(KERNEL_FORMATS))}); "
+        "the reference step runs it"
+    )
 
 
 # What each decision of the spec's table means here; "fallback" fields are left out of SUPPORTED.
@@ -110,7 +117,7 @@ class TreePlan(NamedTuple):
     acc: list[jax.Array] | None
     ema: list[jax.Array] | None
     comp: list[jax.Array] | None  # param_rounding="kahan": the compensation
-    quantized: list[bool]  # which leaves hold 8-bit mu/nu/nu_max (QuantizedArray)
+    quantized: list[bool]  # which leaves hold coded mu/nu/nu_max (QuantizedArray, spec.moment_format)
     # flat state with 8-bit leaves: the kernel runs on per-leaf views; this packs the new
     # (tree) state back into flat buffers. None otherwise.
     repack: Callable[[AnyAdamState], AnyAdamState] | None = None
@@ -177,7 +184,7 @@ def plan(tx: object, grads: PyTree, state: PyTree, params: PyTree) -> Planned:
     _checks.check_state(spec, state, params)
     reason = unsupported_option(spec)
     if not reason and spec.quantize_moments and (spec.param_rounding != "nearest" or spec.acc_dtype is not None):
-        reason = "option `param_rounding`/`acc_dtype` with quantize_moments: the 8-bit kernel rounds to nearest"
+        reason = "option `param_rounding`/`acc_dtype` with quantize_moments: the quantized kernels round to nearest"
     if reason:
         return reason, None
     if params is None:
@@ -268,7 +275,10 @@ def _plan_tree(
 
 
 def _as_layouts(spec: AdamSpec, xs: list, p_l: list) -> list:
-    """8-bit leaves in today's layout (:func:`adamx._quantize.as_layout`); other leaves as they are."""
+    """8-bit leaves in today's layout (:func:`adamx._quantize.as_layout`); other leaves (and other
+    formats, which have one layout) as they are."""
+    if spec.moment_format != "dynamic8":
+        return xs
     return [
         _quantize.as_layout(x, jnp.shape(p), spec.quantize_block_size) if isinstance(x, _quantize.QuantizedArray) else x
         for x, p in zip(xs, p_l)
@@ -278,18 +288,21 @@ def _as_layouts(spec: AdamSpec, xs: list, p_l: list) -> list:
 def _quantized_leaf_problem(
     spec: AdamSpec, g: jax.Array, p: ArrayLike, m: LeafMoment, v: LeafMoment, vm: LeafMoment | None
 ) -> str | None:
-    """Why the kernel cannot take a leaf with 8-bit moments (codes u8 like p, scales f32 of
-    :func:`adamx._quantize.scale_shape`), or ``None``."""
+    """Why the kernel cannot take a leaf with coded moments (codes and scales of the layout of
+    ``spec.codec(field).state_shapes``: 8-bit codes u8 like p with scales of
+    :func:`adamx._quantize.scale_shape`; fp8/4bit as :mod:`adamx._codecs` says), or ``None``."""
     shape = tuple(jnp.shape(p))
-    ss = _quantize.scale_shape(shape, spec.quantize_block_size)
-    for x in (m, v) + ((vm,) if spec.amsgrad else ()):
+    fmt = spec.moment_format
+    fields: tuple[StateField, ...] = ("mu", "nu", "nu_max")
+    for field, x in zip(fields, (m, v) + ((vm,) if spec.amsgrad else ())):
         if not isinstance(x, _quantize.QuantizedArray):
-            return "optimizer state does not match params (mu is 8-bit, nu or nu_max is not)"
+            return "optimizer state does not match params (mu is quantized, nu or nu_max is not)"
         c, sc = x
-        if jnp.dtype(c.dtype) != jnp.dtype(jnp.uint8) or tuple(c.shape) != shape:
-            return "8-bit optimizer state does not match params (codes)"
-        if jnp.dtype(sc.dtype) != jnp.dtype(jnp.float32) or tuple(sc.shape) != ss:
-            return "8-bit optimizer state does not match params (scales; another quantize_block_size?)"
+        want = spec.codec(field).state_shapes(shape)
+        if jnp.dtype(c.dtype) != jnp.dtype(want.codes.dtype) or tuple(c.shape) != tuple(want.codes.shape):
+            return f"{fmt} optimizer state does not match params (codes)"
+        if jnp.dtype(sc.dtype) != jnp.dtype(want.scales.dtype) or tuple(sc.shape) != tuple(want.scales.shape):
+            return f"{fmt} optimizer state does not match params (scales; another quantize_block_size?)"
         if is_sharded(c) or is_sharded(sc):
             return "arrays are sharded over several devices"
     if is_sharded(p) or is_sharded(g):

@@ -17,6 +17,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "_quant8.h"  // adamx/_quant8.h: the 8-bit state codec (-I adamx, see _build.py)
+#include "_lowbit.h"  // adamx/_lowbit.h: the fp8 and 4-bit state codecs
 
 namespace ffi = xla::ffi;
 
@@ -638,11 +639,22 @@ struct QMaps {  // mu: the signed dynamic map; nu, nu_max: the unsigned one
   const q8::TableDecoder* v_dec;
 };
 
-struct QLeaf {
+// One leaf with coded moments (8-bit, fp8 or 4-bit): params, grads, codes and scales of m, v
+// (and v_max), the float32 accumulator and average, in place.
+struct CodedPtrs {
   void* p; const void* g;
   uint8_t* mc; float* ms; uint8_t* vc; float* vs; uint8_t* xc; float* xs;
   float* acc; float* ema;
   float clip_denom; bool decay;
+};
+
+// What a coded leaf's codes and scales must be: element counts and the codes' dtype.
+struct CodedLayout {
+  int64_t codes, scales;
+  ffi::DataType code_t;
+};
+
+struct QLeaf : CodedPtrs {
   void (*fn)(const QLeaf&, const QMaps&, int64_t, int64_t, int64_t, const Sc&);
 };
 
@@ -701,29 +713,38 @@ static void qstep_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e,
 
 using QStepFn = void (*)(const QLeaf&, const QMaps&, int64_t, int64_t, int64_t, const Sc&);
 
-template <typename P, typename G>
-static QStepFn qpick_flags(bool ams, bool acc, bool ema) {
+// The step of a coded leaf as a function pointer: K::fn<P, G, AMS, ACC, EMA> for the leaf's
+// param and grad dtypes and the flags (amsgrad, accumulation, EMA); nullptr for other dtypes.
+template <typename K, typename P, typename G>
+static typename K::Fn coded_flags(bool ams, bool acc, bool ema) {
   const int k = (ams ? 4 : 0) | (acc ? 2 : 0) | (ema ? 1 : 0);
   switch (k) {
-    case 0: return &qstep_segment<P, G, false, false, false>;
-    case 1: return &qstep_segment<P, G, false, false, true>;
-    case 2: return &qstep_segment<P, G, false, true, false>;
-    case 3: return &qstep_segment<P, G, false, true, true>;
-    case 4: return &qstep_segment<P, G, true, false, false>;
-    case 5: return &qstep_segment<P, G, true, false, true>;
-    case 6: return &qstep_segment<P, G, true, true, false>;
-    default: return &qstep_segment<P, G, true, true, true>;
+    case 0: return K::template fn<P, G, false, false, false>;
+    case 1: return K::template fn<P, G, false, false, true>;
+    case 2: return K::template fn<P, G, false, true, false>;
+    case 3: return K::template fn<P, G, false, true, true>;
+    case 4: return K::template fn<P, G, true, false, false>;
+    case 5: return K::template fn<P, G, true, false, true>;
+    case 6: return K::template fn<P, G, true, true, false>;
+    default: return K::template fn<P, G, true, true, true>;
   }
 }
 
-static QStepFn qpick_step(DT p, DT g, bool ams, bool acc, bool ema) {
-  if (p == kF32 && g == kF32) return qpick_flags<float, float>(ams, acc, ema);
-  if (p == kBF16 && g == kBF16) return qpick_flags<bf16_t, bf16_t>(ams, acc, ema);
-  if (p == kBF16 && g == kF32) return qpick_flags<bf16_t, float>(ams, acc, ema);
-  if (p == kF16 && g == kF16) return qpick_flags<f16_t, f16_t>(ams, acc, ema);
-  if (p == kF16 && g == kF32) return qpick_flags<f16_t, float>(ams, acc, ema);
+template <typename K>
+static typename K::Fn coded_pick(DT p, DT g, bool ams, bool acc, bool ema) {
+  if (p == kF32 && g == kF32) return coded_flags<K, float, float>(ams, acc, ema);
+  if (p == kBF16 && g == kBF16) return coded_flags<K, bf16_t, bf16_t>(ams, acc, ema);
+  if (p == kBF16 && g == kF32) return coded_flags<K, bf16_t, float>(ams, acc, ema);
+  if (p == kF16 && g == kF16) return coded_flags<K, f16_t, f16_t>(ams, acc, ema);
+  if (p == kF16 && g == kF32) return coded_flags<K, f16_t, float>(ams, acc, ema);
   return nullptr;
 }
+
+struct Q8Kernel {
+  using Fn = QStepFn;
+  template <typename P, typename G, bool AMS, bool ACC, bool EMA>
+  static constexpr Fn fn = &qstep_segment<P, G, AMS, ACC, EMA>;
+};
 
 struct QStepCtx {
   const QLeaf* leaves;
@@ -743,6 +764,78 @@ static void qstep_task(void* c, int64_t t) {
   }
 }
 
+// The operand counts of a coded call (see coded_leaf) for L leaves, or an error message.
+static const char* coded_counts(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, int64_t L,
+                                int64_t ndenoms, bool ams, bool acc, bool ema) {
+  const int64_t nst = 4 + (ams ? 2 : 0) + (acc ? 1 : 0) + (ema ? 1 : 0);
+  if (static_cast<int64_t>(args.size()) != L * (2 + nst) || static_cast<int64_t>(rets.size()) != L * (1 + nst))
+    return "adamx: operand count does not match the number of leaves";
+  if (ndenoms != L) return "adamx: clip operand has the wrong size";
+  return nullptr;
+}
+
+// Runs the coded leaves of `sizes` on the pool in segments of whole blocks:
+// run(segs, task_start, ntasks, total elements) builds the call's context and runs it.
+template <typename Run>
+static void run_blocks(const std::vector<int64_t>& sizes, int64_t block, Run run) {
+  std::vector<Seg> segs;
+  std::vector<int64_t> task_start;
+  make_tasks(sizes, &segs, &task_start, std::max<int64_t>(1, kSeg / block) * block);
+  const int64_t ntasks = static_cast<int64_t>(task_start.size()) - 1;
+  if (ntasks <= 0) return;
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  run(segs.data(), task_start.data(), ntasks, total);
+}
+
+// Leaf i's operands of a coded call (args per leaf: p, g, m codes, m scales, v codes, v scales
+// [, v_max codes, v_max scales][, acc][, ema]; rets: the same less g), checked against the
+// layout (layout_of(n): n the leaf's size) and taken in place. Returns an error message or nullptr.
+template <typename LayoutOf>
+static const char* coded_leaf(ffi::RemainingArgs& args, ffi::RemainingRets& rets, int64_t i, bool ams, bool acc,
+                              bool ema, LayoutOf layout_of, CodedPtrs* out, int64_t* size, DT* pdt, DT* gdt) {
+  const int64_t nq = 4 + (ams ? 2 : 0);
+  const int64_t nst = nq + (acc ? 1 : 0) + (ema ? 1 : 0);
+  const int64_t a0 = i * (2 + nst), r0 = i * (1 + nst);
+  auto p = args.get<ffi::AnyBuffer>(a0);
+  auto g = args.get<ffi::AnyBuffer>(a0 + 1);
+  auto po = rets.get<ffi::AnyBuffer>(r0);
+  if (!p || !g || !po) return "adamx: could not decode a leaf";
+  const int64_t n = static_cast<int64_t>(p->element_count());
+  if (static_cast<int64_t>(g->element_count()) != n) return "adamx: leaf buffers differ in size";
+  const CodedLayout lay = layout_of(n);
+  if (lay.codes < 0) return "adamx: a leaf does not fit the moment format's blocks";
+  void* st[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  for (int64_t k = 0; k < nst; ++k) {
+    auto x = args.get<ffi::AnyBuffer>(a0 + 2 + k);
+    auto xo = rets.get<ffi::AnyBuffer>(r0 + 1 + k);
+    if (!x || !xo) return "adamx: bad state buffer";
+    const bool is_codes = k < nq && k % 2 == 0;
+    const int64_t want_n = k < nq ? (is_codes ? lay.codes : lay.scales) : n;
+    const ffi::DataType want_t = is_codes ? lay.code_t : ffi::DataType::F32;
+    if (static_cast<int64_t>(x->element_count()) != want_n || x->element_type() != want_t)
+      return "adamx: bad quantized state buffer (codes, scales f32[blocks], acc/ema f32[n])";
+    st[k] = inplace(*x, *xo);
+  }
+  out->p = inplace(*p, *po);
+  out->g = g->untyped_data();
+  out->mc = static_cast<uint8_t*>(st[0]); out->ms = static_cast<float*>(st[1]);
+  out->vc = static_cast<uint8_t*>(st[2]); out->vs = static_cast<float*>(st[3]);
+  out->xc = nullptr; out->xs = nullptr; out->acc = nullptr; out->ema = nullptr;
+  int64_t k = 4;
+  if (ams) {
+    out->xc = static_cast<uint8_t*>(st[4]);
+    out->xs = static_cast<float*>(st[5]);
+    k = 6;
+  }
+  if (acc) out->acc = static_cast<float*>(st[k++]);
+  if (ema) out->ema = static_cast<float*>(st[k++]);
+  *size = n;
+  *pdt = dt_of(p->element_type());
+  *gdt = dt_of(g->element_type());
+  return nullptr;
+}
+
 // 8-bit moments, tree state. Args: scalars f32[kNumScalars], clip denominators f32[L],
 // code maps f32[512] (signed then unsigned), then per leaf p, g, m codes u8[n], m scales
 // f32[nb], v codes, v scales[, v_max codes, v_max scales][, acc][, ema]; rets per leaf:
@@ -754,68 +847,191 @@ static ffi::Error QStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
   if (maps.element_count() != 512) return bad("adamx: code maps must be f32[512]");
   if (block < 1) return bad("adamx: block size must be positive");
-  const int64_t nq = 4 + (ams ? 2 : 0);
-  const int64_t nst = nq + (acc ? 1 : 0) + (ema ? 1 : 0);
-  const int64_t nin = 2 + nst, nout = 1 + nst;
   const int64_t L = static_cast<int64_t>(decay.size());
-  if (static_cast<int64_t>(args.size()) != L * nin || static_cast<int64_t>(rets.size()) != L * nout)
-    return bad("adamx: operand count does not match the number of leaves");
-  if (static_cast<int64_t>(denoms.element_count()) != L) return bad("adamx: clip operand has the wrong size");
+  const char* counts = coded_counts(args, rets, L, static_cast<int64_t>(denoms.element_count()), ams, acc, ema);
+  if (counts != nullptr) return bad(counts);
   const Sc sc = read_scalars(scalars.typed_data());
   const float* den = denoms.typed_data();
   const std::shared_ptr<const QTables> tables = q_tables(maps.typed_data());
   std::vector<QLeaf> leaves(L);
   std::vector<int64_t> sizes(L);
+  const auto layout = [block](int64_t n) { return CodedLayout{n, (n + block - 1) / block, ffi::DataType::U8}; };
   for (int64_t i = 0; i < L; ++i) {
-    const int64_t a0 = i * nin, r0 = i * nout;
-    auto p = args.get<ffi::AnyBuffer>(a0);
-    auto g = args.get<ffi::AnyBuffer>(a0 + 1);
-    auto po = rets.get<ffi::AnyBuffer>(r0);
-    if (!p || !g || !po) return bad("adamx: could not decode a leaf");
-    const int64_t n = static_cast<int64_t>(p->element_count());
-    const int64_t nb = (n + block - 1) / block;
-    if (static_cast<int64_t>(g->element_count()) != n) return bad("adamx: leaf buffers differ in size");
-    void* st[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-    for (int64_t k = 0; k < nst; ++k) {
-      auto x = args.get<ffi::AnyBuffer>(a0 + 2 + k);
-      auto xo = rets.get<ffi::AnyBuffer>(r0 + 1 + k);
-      if (!x || !xo) return bad("adamx: bad state buffer");
-      const bool is_codes = k < nq && k % 2 == 0;
-      const int64_t want_n = (k < nq && !is_codes) ? nb : n;
-      const ffi::DataType want_t = is_codes ? ffi::DataType::U8 : ffi::DataType::F32;
-      if (static_cast<int64_t>(x->element_count()) != want_n || x->element_type() != want_t)
-        return bad("adamx: bad 8-bit state buffer (codes u8[n], scales f32[ceil(n / block)], acc/ema f32[n])");
-      st[k] = inplace(*x, *xo);
-    }
-    QLeaf& lp = leaves[i];
-    lp.fn = qpick_step(dt_of(p->element_type()), dt_of(g->element_type()), ams != 0, acc != 0, ema != 0);
-    if (lp.fn == nullptr) return bad("adamx: unsupported dtype combination");
-    lp.p = inplace(*p, *po);
-    lp.g = g->untyped_data();
-    lp.mc = static_cast<uint8_t*>(st[0]); lp.ms = static_cast<float*>(st[1]);
-    lp.vc = static_cast<uint8_t*>(st[2]); lp.vs = static_cast<float*>(st[3]);
-    lp.xc = nullptr; lp.xs = nullptr; lp.acc = nullptr; lp.ema = nullptr;
-    int64_t k = 4;
-    if (ams) {
-      lp.xc = static_cast<uint8_t*>(st[4]);
-      lp.xs = static_cast<float*>(st[5]);
-      k = 6;
-    }
-    if (acc) lp.acc = static_cast<float*>(st[k++]);
-    if (ema) lp.ema = static_cast<float*>(st[k++]);
-    lp.clip_denom = den[i];
-    lp.decay = decay[i] != 0;
-    sizes[i] = n;
+    DT pdt = kBad, gdt = kBad;
+    const char* err = coded_leaf(args, rets, i, ams != 0, acc != 0, ema != 0, layout, &leaves[i], &sizes[i], &pdt, &gdt);
+    if (err != nullptr) return bad(err);
+    leaves[i].clip_denom = den[i];
+    leaves[i].decay = decay[i] != 0;
+    leaves[i].fn = coded_pick<Q8Kernel>(pdt, gdt, ams != 0, acc != 0, ema != 0);
+    if (leaves[i].fn == nullptr) return bad("adamx: unsupported dtype combination");
   }
-  std::vector<Seg> segs;
-  std::vector<int64_t> task_start;
-  make_tasks(sizes, &segs, &task_start, std::max<int64_t>(1, kSeg / block) * block);
-  const int64_t ntasks = static_cast<int64_t>(task_start.size()) - 1;
-  if (ntasks <= 0) return ffi::Error::Success();
-  int64_t total = 0;
-  for (int64_t n : sizes) total += n;
-  QStepCtx ctx{leaves.data(), segs.data(), task_start.data(), QMaps{&tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec}, block, sc};
-  parallel_for(pool, ntasks, total, &qstep_task, &ctx);
+  run_blocks(sizes, block, [&](const Seg* segs, const int64_t* task_start, int64_t ntasks, int64_t total) {
+    QStepCtx ctx{leaves.data(), segs, task_start, QMaps{&tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec}, block, sc};
+    parallel_for(pool, ntasks, total, &qstep_task, &ctx);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- fp8 / 4-bit moments (moment_format)
+// The same one-pass scheme as the 8-bit kernel above, with torchao's codecs (adamx/_lowbit.h):
+// per block, decode m, v (and v_max) to float32, step_segment on the block, encode. Leaves
+// are whole blocks (the codecs only take such leaves), so a block never spans segments.
+namespace lb = adamx::lowbit;
+
+struct LMaps {  // the 4-bit tables: mu's signed map, nu/nu_max's k/16 map (unused by fp8)
+  lb::Q4Map m, v;
+};
+
+struct LLeaf : CodedPtrs {
+  void (*fn)(const LLeaf&, const LMaps&, int64_t, int64_t, const Sc&);
+};
+
+enum LFormat { kFp8 = 1, kQ4 = 2 };
+// Elements per step_segment call (the float32 scratch of m, v, v_max: 12 KiB, in L1), and how
+// many such chunks ahead the step prefetches params, grads and codes.
+constexpr int64_t kLowbitChunk = 1024, kLowbitAhead = 1;
+
+template <int FMT> struct LCodec;
+template <> struct LCodec<kFp8> {  // e4m3fn codes in the param's shape, block 256
+  static constexpr int64_t kBlock = 256, kPerByte = 1;
+  static void decode(const lb::Q4Map&, const uint8_t* c, float s, float* out) {
+    lb::fp8_decode_block(c, s, kBlock, out);
+  }
+  static void encode(const lb::Q4Map&, const float* x, uint8_t* c, float* s) { lb::fp8_encode_block(x, kBlock, c, s); }
+};
+template <> struct LCodec<kQ4> {  // two 4-bit codes per byte, block 128
+  static constexpr int64_t kBlock = 128, kPerByte = 2;
+  static_assert(kBlock <= static_cast<int64_t>(lb::kQ4MaxBlock), "the 4-bit codec's scratch holds one block");
+  static void decode(const lb::Q4Map& q, const uint8_t* c, float s, float* out) {
+    lb::q4_decode_block(q, c, s, kBlock, out);
+  }
+  static void encode(const lb::Q4Map& q, const float* x, uint8_t* c, float* s) {
+    lb::q4_encode_block(q, x, kBlock, c, s);
+  }
+};
+
+template <int FMT, typename P, typename G, bool AMS, bool ACC, bool EMA>
+static void lstep_segment(const LLeaf& L, const LMaps& mp, int64_t b, int64_t e, const Sc& s) {
+  using C = LCodec<FMT>;
+  constexpr int64_t bs = C::kBlock, chunk = kLowbitChunk;  // chunk: whole blocks, one step_segment call
+  static_assert(chunk % bs == 0, "a chunk holds whole blocks");
+  alignas(64) float mf[chunk], vf[chunk], xf[AMS ? chunk : 1];
+  P* p = static_cast<P*>(L.p);
+  const G* g = static_cast<const G*>(L.g);
+  const bool real = s.is_real || !ACC;
+  for (int64_t start = b; start < e; start += chunk) {
+    const int64_t n = std::min(chunk, e - start);  // segments hold whole blocks
+    // Prefetch the params, grads and codes kLowbitAhead chunks ahead: the phases (decode,
+    // step, encode) are short loops, in which the hardware prefetchers alone left the streamed
+    // step waiting on memory (1.5x the time, one thread, benchmarks/cpp/quantized_codec.cc).
+    {
+      const int64_t pb = start + kLowbitAhead * chunk, pe = std::min(e, pb + chunk);
+      for (int64_t k = pb; k < pe; k += 16) {
+        __builtin_prefetch(p + k, 1);
+        __builtin_prefetch(g + k, 0);
+      }
+      for (int64_t k = pb / C::kPerByte; k < pe / C::kPerByte; k += 64) {
+        __builtin_prefetch(L.mc + k, 1);
+        __builtin_prefetch(L.vc + k, 1);
+        if constexpr (AMS) __builtin_prefetch(L.xc + k, 1);
+      }
+    }
+    for (int64_t k = 0; k < n; k += bs) {
+      const int64_t blk = (start + k) / bs, c0 = (start + k) / C::kPerByte;
+      C::decode(mp.m, L.mc + c0, L.ms[blk], mf + k);
+      C::decode(mp.v, L.vc + c0, L.vs[blk], vf + k);
+      if constexpr (AMS) C::decode(mp.v, L.xc + c0, L.xs[blk], xf + k);
+    }
+    // float32 accumulator, nearest rounding (the plan refuses the others, as for 8-bit)
+    step_segment<P, G, float, float, float, 0, AMS, ACC, EMA>(p + start, g + start, mf, vf, xf,
+                                                              ACC ? L.acc + start : nullptr,
+                                                              EMA ? L.ema + start : nullptr, nullptr, 0u, 0, n, s,
+                                                              L.clip_denom, L.decay);
+    if (!real) continue;  // a micro-step leaves codes and scales as they are (as the reference's lax.cond)
+    for (int64_t k = 0; k < n; k += bs) {
+      const int64_t blk = (start + k) / bs, c0 = (start + k) / C::kPerByte;
+      C::encode(mp.m, mf + k, L.mc + c0, L.ms + blk);
+      C::encode(mp.v, vf + k, L.vc + c0, L.vs + blk);
+      if constexpr (AMS) C::encode(mp.v, xf + k, L.xc + c0, L.xs + blk);
+    }
+  }
+}
+
+using LStepFn = void (*)(const LLeaf&, const LMaps&, int64_t, int64_t, const Sc&);
+
+template <int FMT>
+struct LKernel {
+  using Fn = LStepFn;
+  template <typename P, typename G, bool AMS, bool ACC, bool EMA>
+  static constexpr Fn fn = &lstep_segment<FMT, P, G, AMS, ACC, EMA>;
+};
+
+static LStepFn lpick_step(int64_t fmt, DT p, DT g, bool ams, bool acc, bool ema) {
+  if (fmt == kFp8) return coded_pick<LKernel<kFp8>>(p, g, ams, acc, ema);
+  if (fmt == kQ4) return coded_pick<LKernel<kQ4>>(p, g, ams, acc, ema);
+  return nullptr;
+}
+
+struct LStepCtx {
+  const LLeaf* leaves;
+  const Seg* segs;
+  const int64_t* task_start;
+  const LMaps* maps;
+  Sc sc;
+};
+
+static void lstep_task(void* c, int64_t t) {
+  const auto* ctx = static_cast<const LStepCtx*>(c);
+  for (int64_t s = ctx->task_start[t]; s < ctx->task_start[t + 1]; ++s) {
+    const Seg& sg = ctx->segs[s];
+    const LLeaf& L = ctx->leaves[sg.leaf];
+    L.fn(L, *ctx->maps, sg.begin, sg.end, ctx->sc);
+  }
+}
+
+// fp8 / 4-bit moments, tree state. Args: scalars f32[kNumScalars], clip denominators f32[L],
+// 4-bit tables f32[62] (mu: 16 map values, 15 thresholds; then nu's), then per leaf p, g,
+// m codes, m scales, v codes, v scales[, v_max codes, v_max scales][, acc][, ema]; rets per
+// leaf: p, the state in the same order, in place. format: 1 fp8 (codes f8e4m3fn[n], scales
+// f32[n / 256]), 2 4-bit (codes u8[n / 2], scales f32[n / 128]); n a multiple of the block.
+static ffi::Error LStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> denoms,
+                            ffi::Buffer<ffi::F32> tables, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                            ffi::Span<const int64_t> decay, int64_t ams, int64_t acc, int64_t ema, int64_t format) {
+  if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
+  if (tables.element_count() != 62) return bad("adamx: 4-bit tables must be f32[62]");
+  if (format != kFp8 && format != kQ4) return bad("adamx: unknown moment format");
+  const int64_t block = format == kFp8 ? LCodec<kFp8>::kBlock : LCodec<kQ4>::kBlock;
+  const int64_t per_byte = format == kFp8 ? 1 : 2;
+  const ffi::DataType code_t = format == kFp8 ? ffi::DataType::F8E4M3FN : ffi::DataType::U8;
+  const int64_t L = static_cast<int64_t>(decay.size());
+  const char* counts = coded_counts(args, rets, L, static_cast<int64_t>(denoms.element_count()), ams, acc, ema);
+  if (counts != nullptr) return bad(counts);
+  const Sc sc = read_scalars(scalars.typed_data());
+  const float* den = denoms.typed_data();
+  LMaps maps;
+  const float* t = tables.typed_data();
+  std::memcpy(maps.m.value, t, 16 * sizeof(float));
+  std::memcpy(maps.m.thr, t + 16, 15 * sizeof(float));
+  std::memcpy(maps.v.value, t + 31, 16 * sizeof(float));
+  std::memcpy(maps.v.thr, t + 47, 15 * sizeof(float));
+  std::vector<LLeaf> leaves(L);
+  std::vector<int64_t> sizes(L);
+  const auto layout = [block, per_byte, code_t](int64_t n) {
+    return n % block ? CodedLayout{-1, -1, code_t} : CodedLayout{n / per_byte, n / block, code_t};
+  };
+  for (int64_t i = 0; i < L; ++i) {
+    DT pdt = kBad, gdt = kBad;
+    const char* err = coded_leaf(args, rets, i, ams != 0, acc != 0, ema != 0, layout, &leaves[i], &sizes[i], &pdt, &gdt);
+    if (err != nullptr) return bad(err);
+    leaves[i].clip_denom = den[i];
+    leaves[i].decay = decay[i] != 0;
+    leaves[i].fn = lpick_step(format, pdt, gdt, ams != 0, acc != 0, ema != 0);
+    if (leaves[i].fn == nullptr) return bad("adamx: unsupported dtype combination");
+  }
+  run_blocks(sizes, block, [&](const Seg* segs, const int64_t* task_start, int64_t ntasks, int64_t total) {
+    LStepCtx ctx{leaves.data(), segs, task_start, &maps, sc};
+    parallel_for(pool, ntasks, total, &lstep_task, &ctx);
+  });
   return ffi::Error::Success();
 }
 
@@ -940,6 +1156,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStepQ8, QStepImpl,
                                   .Attr<int64_t>("ema")
                                   .Attr<int64_t>("block"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedStepLowbit, LStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("decay")
+                                  .Attr<int64_t>("ams")
+                                  .Attr<int64_t>("acc")
+                                  .Attr<int64_t>("ema")
+                                  .Attr<int64_t>("format"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -950,7 +1180,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                                   .Attr<int64_t>("acc")
                                   .Attr<int64_t>("flat"));
 
-extern "C" int adamx_fused_abi_version() { return 3; }
+extern "C" int adamx_fused_abi_version() { return 4; }
 
 #define ADAMX_NAME(e, n) #n ","
 extern "C" const char* adamx_fused_scalar_names() { return ADAMX_SCALARS(ADAMX_NAME); }

@@ -1,4 +1,4 @@
-// Per-element costs of the 8-bit fused step's pieces, one thread (benchmarks/quantized_codec.py
+// Per-element costs of the quantized fused steps' pieces (8-bit, fp8, 4-bit), one thread (benchmarks/quantized_codec.py
 // builds this with the fused kernel's flags and runs it). Includes the kernel's source, so it
 // times exactly the functions the kernel runs. Best of R rounds; ns per element.
 #include "kernel.cc"
@@ -27,9 +27,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: quantized_codec MAPS_BIN STREAM_N\n");
     return 2;
   }
-  float maps[512];
+  float maps[512 + 62];  // the 8-bit maps, then the 4-bit tables (adamx.fused._kernel._LOWBIT_TABLES)
   FILE* f = std::fopen(argv[1], "rb");
-  if (!f || std::fread(maps, 4, 512, f) != 512) return 2;
+  if (!f || std::fread(maps, 4, 512 + 62, f) != 512 + 62) return 2;
   std::fclose(f);
   const int64_t n = std::atoll(argv[2]), bs = 256, nb = n / bs;
   ScopedFtz ftz;  // as the kernel runs
@@ -56,8 +56,9 @@ int main(int argc, char** argv) {
     q8::encode_block(tables->m_enc, m.data() + b * bs, bs, mc.data() + b * bs, ms.data() + b);
     q8::encode_block(tables->v_enc, v.data() + b * bs, bs, vc.data() + b * bs, vs.data() + b);
   }
-  const QLeaf leaf{p.data(), g.data(), mc.data(), ms.data(), vc.data(), vs.data(), nullptr, nullptr,
-                   nullptr, nullptr, 1.0f, false, nullptr};
+  QLeaf leaf{};
+  leaf.p = p.data(); leaf.g = g.data(); leaf.mc = mc.data(); leaf.ms = ms.data(); leaf.vc = vc.data();
+  leaf.vs = vs.data(); leaf.clip_denom = 1.0f;
   // in cache: 16K elements (the step's arrays in L2, a block's scratch in L1)
   const int64_t nc = 16384, R = 300;
   std::vector<float> out(nc);
@@ -80,7 +81,54 @@ int main(int argc, char** argv) {
   const double q8_l2 = best_ns(R, nc, [&] { qstep_segment<float, float, false, false, false>(leaf, mp, 0, nc, bs, s); });
   const double f32_stream = best_ns(3, n, [&] { f32_step(0, n); });
   const double q8_stream = best_ns(3, n, [&] { qstep_segment<float, float, false, false, false>(leaf, mp, 0, n, bs, s); });
-  std::printf("{\"vbmi\": %d, \"decode_loop\": %.4f, \"decode_table\": %.4f, \"encode_mu\": %.4f, \"encode_nu\": %.4f, "
+  // fp8 and 4-bit (moment_format): the codecs of adamx/_lowbit.h and the whole step
+  LMaps lm{};
+  std::memcpy(lm.m.value, maps + 512, 16 * 4); std::memcpy(lm.m.thr, maps + 528, 15 * 4);
+  std::memcpy(lm.v.value, maps + 543, 16 * 4); std::memcpy(lm.v.thr, maps + 559, 15 * 4);
+  std::vector<uint8_t> fmc(n), fvc(n), hmc(n / 2), hvc(n / 2);
+  std::vector<float> fms(n / 256), fvs(n / 256), hms(n / 128), hvs(n / 128);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    lb::fp8_encode_block(m.data() + b * 256, 256, fmc.data() + b * 256, fms.data() + b);
+    lb::fp8_encode_block(v.data() + b * 256, 256, fvc.data() + b * 256, fvs.data() + b);
+  }
+  for (int64_t b = 0; b < n / 128; ++b) {
+    lb::q4_encode_block(lm.m, m.data() + b * 128, 128, hmc.data() + b * 64, hms.data() + b);
+    lb::q4_encode_block(lm.v, v.data() + b * 128, 128, hvc.data() + b * 64, hvs.data() + b);
+  }
+  std::vector<float> os4(nc / 128);
+  LLeaf fleaf{}, hleaf{};
+  for (LLeaf* l : {&fleaf, &hleaf}) {
+    l->p = p.data(); l->g = g.data(); l->clip_denom = 1.0f;
+  }
+  fleaf.mc = fmc.data(); fleaf.ms = fms.data(); fleaf.vc = fvc.data(); fleaf.vs = fvs.data();
+  hleaf.mc = hmc.data(); hleaf.ms = hms.data(); hleaf.vc = hvc.data(); hleaf.vs = hvs.data();
+  const double fp8_dec = best_ns(R, nc, [&] {
+    for (int64_t b = 0; b < nc / 256; ++b) lb::fp8_decode_block(fmc.data() + b * 256, fms[b], 256, out.data() + b * 256);
+  });
+  const double fp8_enc_m = best_ns(R, nc, [&] {
+    for (int64_t b = 0; b < nc / 256; ++b) lb::fp8_encode_block(m.data() + b * 256, 256, oc.data() + b * 256, os.data() + b);
+  });
+  const double fp8_enc_v = best_ns(R, nc, [&] {
+    for (int64_t b = 0; b < nc / 256; ++b) lb::fp8_encode_block(v.data() + b * 256, 256, oc.data() + b * 256, os.data() + b);
+  });
+  const double q4_dec = best_ns(R, nc, [&] {
+    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_decode_block(lm.m, hmc.data() + b * 64, hms[b], 128, out.data() + b * 128);
+  });
+  const double q4_enc_m = best_ns(R, nc, [&] {
+    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_encode_block(lm.m, m.data() + b * 128, 128, oc.data() + b * 64, os4.data() + b);
+  });
+  const double q4_enc_v = best_ns(R, nc, [&] {
+    for (int64_t b = 0; b < nc / 128; ++b) lb::q4_encode_block(lm.v, v.data() + b * 128, 128, oc.data() + b * 64, os4.data() + b);
+  });
+  const double fp8_l2 = best_ns(R, nc, [&] { lstep_segment<kFp8, float, float, false, false, false>(fleaf, lm, 0, nc, s); });
+  const double q4_l2 = best_ns(R, nc, [&] { lstep_segment<kQ4, float, float, false, false, false>(hleaf, lm, 0, nc, s); });
+  const double fp8_stream = best_ns(3, n, [&] { lstep_segment<kFp8, float, float, false, false, false>(fleaf, lm, 0, n, s); });
+  const double q4_stream = best_ns(3, n, [&] { lstep_segment<kQ4, float, float, false, false, false>(hleaf, lm, 0, n, s); });
+  std::printf("{\"fp8_decode\": %.4f, \"fp8_encode_mu\": %.4f, \"fp8_encode_nu\": %.4f, \"fp8_step_L2\": %.4f, "
+              "\"fp8_step_stream\": %.4f, \"4bit_decode_mu\": %.4f, \"4bit_encode_mu\": %.4f, \"4bit_encode_nu\": %.4f, "
+              "\"4bit_step_L2\": %.4f, \"4bit_step_stream\": %.4f, ",
+              fp8_dec, fp8_enc_m, fp8_enc_v, fp8_l2, fp8_stream, q4_dec, q4_enc_m, q4_enc_v, q4_l2, q4_stream);
+  std::printf("\"vbmi\": %d, \"decode_loop\": %.4f, \"decode_table\": %.4f, \"encode_mu\": %.4f, \"encode_nu\": %.4f, "
               "\"f32_step_L1\": %.4f, \"f32_step_L2\": %.4f, \"q8_step_L2\": %.4f, \"f32_step_stream\": %.4f, "
               "\"q8_step_stream\": %.4f, \"sink\": %g}\n",
               ADAMX_QUANT8_VBMI, dec_loop, dec_tab, enc_m, enc_v, arith_l1, f32_l2, q8_l2, f32_stream, q8_stream,
