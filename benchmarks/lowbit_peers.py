@@ -386,9 +386,9 @@ def write(args: Any, ours: dict[str, Any], peers: dict[str, Any], elapsed: float
         if not any("error" in r for r in rows)
         else "Did not run here: " + "; ".join(f"{r['optimizer']}: `{r['error']}`" for r in rows if "error" in r) + ".",
         "",
-        "adamx's fp8 and 4bit steps run `update` + `optax.apply_updates` (no fused kernel yet), dynamic8 "
-        "and float32 the fused C++ kernel. Step times on a shared 2-core machine move by tens of percent "
-        "between runs; the ratios within one library are the comparable numbers.",
+        "adamx's steps run `opt.apply_gradients` (the fused C++ kernel where `adamx.fused.why_not` says "
+        "nothing). Step times on a shared 2-core machine move by tens of percent between runs; the ratios "
+        "within one library are the comparable numbers.",
         "",
     ]
     os.makedirs(args.out, exist_ok=True)
