@@ -36,7 +36,19 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")
 # kernel.cc includes "_quant8.h" and "_lowbit.h" from the package directory (adamx/)
 INCLUDE_DIR = os.path.dirname(os.path.dirname(SOURCE))
 HEADERS = [os.path.join(INCLUDE_DIR, "_quant8.h"), os.path.join(INCLUDE_DIR, "_lowbit.h")]
-CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+# -mprefer-vector-width=512: where the CPU has AVX-512, GCC's tuning for it still prefers 256-bit
+# vectors; 512-bit ones made the fused bf16 step 24 instead of 33 ms and the stochastic one 36
+# instead of 62 (16M params). The same values: no loop reduces across lanes by width.
+CXXFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+]
 WARNINGS = ["-Wall", "-Wextra"]
 
 _lock = threading.Lock()
