@@ -164,6 +164,8 @@ OPTION_SETS: dict[str, OptionSet] = {
         OptionSet("float32", {}),
         OptionSet("8-bit moments", {"quantize_moments": True}),
         OptionSet("8-bit moments, bf16", {"quantize_moments": True}, jnp.bfloat16, jnp.bfloat16),
+        OptionSet("fp8 moments", {"quantize_moments": True, "moment_format": "fp8"}),
+        OptionSet("4bit moments", {"quantize_moments": True, "moment_format": "4bit"}),
         OptionSet("kahan, bf16", {"param_rounding": "kahan"}, jnp.bfloat16, jnp.bfloat16),
         OptionSet("stochastic, bf16", {"param_rounding": "stochastic"}, jnp.bfloat16, jnp.bfloat16),
         OptionSet("amsgrad", {"amsgrad": True}, peer_name="optax.amsgrad", peer=lambda: optax.amsgrad(1e-3)),
@@ -195,7 +197,7 @@ OPTION_SETS: dict[str, OptionSet] = {
     ]
 }
 QUICK_OPTION_SETS = ("float32", "8-bit moments", "8-bit moments, bf16", "kahan, bf16", "stochastic, bf16")
-EIGHT_BIT = ("8-bit moments", "8-bit moments, bf16")
+CODED = ("8-bit moments", "8-bit moments, bf16", "fp8 moments", "4bit moments")  # the 0.75x goal's rows
 
 # ------------------------------------------------------------------ shapes
 
@@ -656,7 +658,7 @@ def goals(m: Measure, peer: Measure, f32: Measure | None) -> dict[str, bool]:
         and (m.bytes_per_param <= 1.15 * m.ideal_per_param or m.bytes_per_param <= peer.bytes_per_param),
         "temporaries": m.error is None and m.temp_per_param <= 0.5,
     }
-    if m.option in EIGHT_BIT and f32 is not None:
+    if m.option in CODED and f32 is not None:
         g["8-bit <= 0.75x float32 bytes"] = m.error is None and m.bytes_per_param <= 0.75 * f32.bytes_per_param
     return g
 
