@@ -198,10 +198,11 @@ class Fp8(_WholeBlocks):
         return QuantizedArray(codes, jnp.zeros(s.scales.shape, jnp.float32))
 
     def encode(self, x: jax.Array) -> QuantizedArray:
-        return QuantizedArray(*_lowbit.fp8_encode(x, self.block_size))
+        codes, scales = _lowbit.fp8_encode(x, self.block_size)
+        return QuantizedArray(_quantize._like(codes, x), scales)  # split like the param on an Explicit mesh
 
     def decode(self, state: QuantizedArray, shape: Shape) -> jax.Array:
-        return _lowbit.fp8_decode(state.codes, state.scales).reshape(shape)
+        return _lowbit._reshape(_lowbit.fp8_decode(state.codes, state.scales), shape)
 
     def state_shapes(self, shape: Shape) -> QuantizedArray:
         n = math.prod(shape)

@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamx._quantize import _reshape as _quantize_reshape
 from adamx._types import Leaf
 
 FP8_BLOCK_SIZE = 256
@@ -205,7 +206,7 @@ def _blocks(x: Leaf, block_size: int) -> jax.Array:
         raise TypeError(f"`x` must be a floating array, got dtype {x.dtype}")
     if x.size == 0 or x.size % bs:
         raise ValueError(f"`x` of shape {x.shape} ({x.size} elements) is not a whole number of blocks of {bs}")
-    return x.astype(jnp.float32).reshape(x.size // bs, bs)
+    return _reshape(x.astype(jnp.float32), (x.size // bs, bs))
 
 
 def _scaled(blocks: jax.Array, scale: jax.Array) -> jax.Array:
@@ -243,7 +244,7 @@ def fp8_encode(x: Leaf, block_size: int = FP8_BLOCK_SIZE) -> tuple[jax.Array, ja
     # (one float per block, so nothing full-size is materialized)
     scale = amax / jax.lax.optimization_barrier(jnp.full(amax.shape, FP8_MAX, jnp.float32))
     codes = _scaled(blocks, scale).astype(jnp.float8_e4m3fn)
-    return codes.reshape(jnp.shape(x)), scale
+    return _reshape(codes, jnp.shape(x)), scale
 
 
 def fp8_decode(codes: Leaf, scales: Leaf) -> jax.Array:
@@ -252,8 +253,8 @@ def fp8_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     if codes.dtype != jnp.float8_e4m3fn:
         raise TypeError(f"`codes` must be float8_e4m3fn, got dtype {codes.dtype}")
     scales, bs = _check_codes(codes, scales)
-    values = codes.astype(jnp.float32).reshape(scales.size, bs) * scales[:, None]
-    return values.reshape(codes.shape)
+    values = _reshape(codes.astype(jnp.float32), (scales.size, bs)) * scales[:, None]
+    return _reshape(values, codes.shape)
 
 
 def _q4_encode(x: Leaf, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, jax.Array]:
@@ -263,7 +264,7 @@ def _q4_encode(x: Leaf, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, j
     code = jnp.zeros(y.shape, jnp.uint8)
     for t in q4_thresholds(qmap):  # NaN compares false everywhere: code 0, as torchao's search gives
         code = code + (y >= t).astype(jnp.uint8)
-    return code.reshape(jnp.shape(x)), scale
+    return _reshape(code, jnp.shape(x)), scale
 
 
 def m4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
@@ -292,8 +293,8 @@ def m4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     for bit in range(4):
         on = ((c >> bit) & 1) != 0
         level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    values = level[0].reshape(scales.size, bs) * scales[:, None]
-    return values.reshape(codes.shape)
+    values = _reshape(level[0], (scales.size, bs)) * scales[:, None]
+    return _reshape(values, codes.shape)
 
 
 def v4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
@@ -301,7 +302,7 @@ def v4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     codes = jnp.asarray(codes)
     scales, bs = _check_codes(codes, scales)
     q = (codes.astype(jnp.float32) + jnp.float32(1)) * jnp.float32(1 / 16)
-    return (q.reshape(scales.size, bs) * scales[:, None]).reshape(codes.shape)
+    return _reshape(_reshape(q, (scales.size, bs)) * scales[:, None], codes.shape)
 
 
 def pack4(codes: Leaf) -> jax.Array:
@@ -313,7 +314,7 @@ def pack4(codes: Leaf) -> jax.Array:
     c = jnp.asarray(codes)
     if c.dtype != jnp.uint8 or c.size % 2:
         raise ValueError(f"`codes` must be uint8 with an even number of elements, got {c.dtype}{list(c.shape)}")
-    pairs = c.reshape(c.size // 2, 2)
+    pairs = _reshape(c, (c.size // 2, 2))
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
@@ -322,10 +323,16 @@ def unpack4(packed: Leaf, shape: Leaf = None) -> jax.Array:
     p = jnp.asarray(packed)
     if p.dtype != jnp.uint8:
         raise TypeError(f"`packed` must be uint8, got dtype {p.dtype}")
-    codes = jnp.stack([p >> 4, p & 15], axis=-1).reshape(2 * p.size)
+    codes = _reshape(jnp.stack([p >> 4, p & 15], axis=-1), (2 * p.size,))
     if shape is None:
         return codes
     shape = tuple(int(d) for d in shape)
     if math.prod(shape) != codes.size:
         raise ValueError(f"`shape` {shape} does not hold the {codes.size} codes of `packed`")
-    return codes.reshape(shape)
+    return _reshape(codes, shape)
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``x.reshape(shape)``, also on an Explicit mesh (:func:`adamx._quantize._reshape`: where the
+    blocks are not whole on each shard, gathered first)."""
+    return _quantize_reshape(jnp.asarray(x), tuple(int(d) for d in shape))

@@ -196,7 +196,15 @@ OPTION_SETS: dict[str, OptionSet] = {
         ),
     ]
 }
-QUICK_OPTION_SETS = ("float32", "8-bit moments", "8-bit moments, bf16", "kahan, bf16", "stochastic, bf16")
+QUICK_OPTION_SETS = (
+    "float32",
+    "8-bit moments",
+    "8-bit moments, bf16",
+    "fp8 moments",
+    "4bit moments",
+    "kahan, bf16",
+    "stochastic, bf16",
+)
 CODED = ("8-bit moments", "8-bit moments, bf16", "fp8 moments", "4bit moments")  # the 0.75x goal's rows
 
 # ------------------------------------------------------------------ shapes
@@ -805,7 +813,11 @@ def machine_info() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", choices=[*TARGETS, "all"], default="all")
-    ap.add_argument("--quick", action="store_true", help="the five main option sets, no GPT-2-shaped tree")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the main option sets (float32, the moment formats, Kahan, stochastic), no GPT-2-shaped tree",
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accelerator"), help="output path without suffix")
     args = ap.parse_args(argv)
     targets = list(TARGETS) if args.target == "all" else [args.target]

@@ -333,3 +333,36 @@ def test_a_registered_codec_goes_through_init_update_and_check(half_format):
     with pytest.raises(ValueError, match="looks like moment_format='half'"):
         adamx.adam(quantize_moments=True, moment_format="fp8", quantize_min_size=100).update(g, s, params)
     assert "half" not in itertools.chain(FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "4bit"])
+@pytest.mark.parametrize("spec", [("xy", None), (None, "xy"), ("x", "y")])
+def test_lowbit_formats_on_an_explicit_mesh_equal_one_device(fmt, spec):
+    """fp8 and 4-bit moments on an Explicit 2x4 mesh (jax.make_mesh's default), params split along
+    either axis or both: the step runs (it once failed in a reshape of the split leaf) and gives the
+    single-device params and codes; fp8 codes are split like the params."""
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test)"
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((64, 2048)).astype(np.float32)
+    g = (rng.standard_normal((64, 2048)) * 1e-2).astype(np.float32)
+    opt = adamx.adam(1e-3, quantize_moments=True, moment_format=fmt)
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    one = {"w": jnp.asarray(w)}
+    want_p, want_s = jax.jit(step)(one, opt.init(one), {"w": jnp.asarray(g)})
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    pspec = jax.sharding.PartitionSpec(*(("x", "y") if a == "xy" else a for a in spec))
+    with jax.set_mesh(mesh):
+        sharding = jax.sharding.NamedSharding(mesh, pspec)
+        params = {"w": jax.device_put(jnp.asarray(w), sharding)}
+        got_p, got_s = jax.jit(step)(params, jax.jit(opt.init)(params), {"w": jax.device_put(jnp.asarray(g), sharding)})
+    np.testing.assert_array_equal(np.asarray(got_p["w"]), np.asarray(want_p["w"]))
+    for f in ("mu", "nu"):
+        a, b = getattr(got_s, f)["w"], getattr(want_s, f)["w"]
+        np.testing.assert_array_equal(np.asarray(a.codes).view(np.uint8), np.asarray(b.codes).view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(a.scales), np.asarray(b.scales))
+    if fmt == "fp8":
+        assert got_s.mu["w"].codes.sharding.is_equivalent_to(sharding, 2)
