@@ -396,12 +396,25 @@ def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     except Exception as e:  # jax's ShardingTypeError (not public)
         if type(e).__name__ != "ShardingTypeError":
             raise
+    sh = jax.typeof(x).sharding
+    in_spec = tuple(sh.spec) + (None,) * (x.ndim - len(tuple(sh.spec)))
+    n = _shards(sh.mesh, in_spec[0]) if in_spec else 1
+    if in_spec and in_spec[0] is not None and not any(in_spec[1:]) and shape and shape[0] % n == 0:
+        # split along the major axis only, in and out: both cut the C-order elements into the same
+        # n contiguous runs, so the output keeps the split with no data moved
+        spec = jax.sharding.PartitionSpec(in_spec[0], *([None] * (len(shape) - 1)))
+        return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(sh.mesh, spec))
     keep = 0
     while keep < min(len(shape), x.ndim) and shape[keep] == x.shape[keep]:
         keep += 1
-    sh = jax.typeof(x).sharding
     spec = jax.sharding.PartitionSpec(*tuple(sh.spec)[:keep], *([None] * (len(shape) - keep)))
     return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(sh.mesh, spec))
+
+
+def _shards(mesh: Any, entry: Any) -> int:
+    """How many pieces a ``PartitionSpec`` entry (an axis name, a tuple of them, or ``None``) cuts into."""
+    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    return math.prod(mesh.shape[a] for a in names)
 
 
 def blocks_of(x: jax.Array, block_size: int) -> jax.Array:
