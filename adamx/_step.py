@@ -195,12 +195,14 @@ def moments_coded(
     if g is None or not any(qs):
         return moments(sc, g, m, v, v_max)
 
-    def step(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, lookup: str | None = None) -> tuple[Leaf, Leaf, Leaf, Leaf]:
-        def decode(x: Leaf, c: MomentCodec) -> Leaf:
-            two_pass = lookup and hasattr(c, "scales_of")  # a codec that takes the GPU schedule
-            return c.decode(x, g.shape, lookup=lookup) if two_pass else c.decode(x, g.shape)  # type: ignore[call-arg]
+    # the codecs that take the accelerator schedules' arguments (lookup, scales, lanes): dynamic8's
+    tuned = [q and hasattr(c, "scales_of") for q, c in zip(qs, codecs)]
 
-        m32, v32, x32 = (decode(x, c) if q else x for x, q, c in zip((m, v, v_max), qs, codecs))
+    def step(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, lookup: str | None = None) -> tuple[Leaf, Leaf, Leaf, Leaf]:
+        def decode(x: Leaf, c: MomentCodec, t: bool) -> Leaf:
+            return c.decode(x, g.shape, lookup=lookup) if lookup and t else c.decode(x, g.shape)  # type: ignore[call-arg]
+
+        m32, v32, x32 = (decode(x, c, t) if q else x for x, q, c, t in zip((m, v, v_max), qs, codecs, tuned))
         return moments(sc, g, m32, v32, x32)
 
     def encode(new: tuple[Leaf, ...], scales: Sequence[Leaf]) -> tuple[Leaf, ...]:
@@ -211,10 +213,9 @@ def moments_coded(
         return (d, *encode((m2, v2, x2), [()] * 3))
 
     def two_passes(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
-        scales_of = [getattr(c, "scales_of", None) if q else None for q, c in zip(qs, codecs)]
         # pass 1, the block absmaxes: the codes decoded by a gather (XLA:GPU fuses it into the reduction)
         first = step(g, m, v, v_max, "table")[1:]
-        scales = [() if f is None else (f(x),) for x, f in zip(first, scales_of)]
+        scales = [(c.scales_of(x),) if t else () for x, c, t in zip(first, codecs, tuned)]  # type: ignore[attr-defined]
         # pass 2 from the codes passed through a barrier (no pass-1 value is reused), decoded by
         # arithmetic: the update writes the codes over the old ones in place
         fm, fv, fx = jax.lax.optimization_barrier((m, v, v_max))
@@ -228,7 +229,7 @@ def moments_coded(
     def lanes(g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, Leaf, Leaf, Leaf]:
         # the TPU's: one pass in the leaf's own shape, blocks by slices and selects (no reshape)
         d, m2, v2, x2 = step(g, m, v, v_max, "lanes")
-        kw = [{"lanes": True} if hasattr(c, "scales_of") else {} for c in codecs]
+        kw = [{"lanes": True} if t else {} for t in tuned]
         return (d, *(c.encode(x, **k) if q else x for x, q, c, k in zip((m2, v2, x2), qs, codecs, kw)))
 
     if schedule is not None:
