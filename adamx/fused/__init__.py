@@ -3,9 +3,11 @@
 ``opt.update`` returns optax *updates*, which the caller adds to the params. On XLA:CPU
 that costs three full-size loops per leaf; :func:`apply_gradients` instead updates
 params and optimizer state in one in-place pass (a C++ kernel called through
-``jax.ffi``), with the same numbers. It falls back to ``tx.update`` +
-``optax.apply_updates`` wherever the kernel does not apply (see :func:`why_not`), so it
-is always safe to call. See docs/performance.md for the design and the measurements.
+``jax.ffi``), with the same numbers. On a GPU or TPU with 8-bit moments it runs one Pallas
+kernel per leaf (Triton, Mosaic: ``_pallas``), which moves the ideal bytes where ``update``
+cannot. It falls back to ``tx.update`` + ``optax.apply_updates`` wherever no kernel applies
+(see :func:`why_not`), so it is always safe to call. See docs/performance.md for the design
+and the measurements.
 
 ===========================================  ===========================================
 instead of                                   write
@@ -21,7 +23,7 @@ happens in the donated buffers.
 
 Layout: ``kernel.cc`` (the C++ kernel, package data), ``_build`` (compile, cache, load,
 check the scalar layout), ``_plan`` (which options and arrays the kernel takes, and why
-not), ``_kernel`` (the ``jax.ffi`` calls), ``__main__`` (``python -m adamx.fused build``: the
+not), ``_kernel`` (the ``jax.ffi`` calls), ``_pallas`` (the GPU/TPU kernels), ``__main__`` (``python -m adamx.fused build``: the
 kernel built on its own, with the loader's command). ``ADAMX_FUSED=0`` switches the kernel off.
 """
 
@@ -34,7 +36,7 @@ import jax
 import optax
 
 from adamx._types import PyTree
-from adamx.fused import _kernel, _plan
+from adamx.fused import _kernel, _pallas, _plan
 from adamx.fused._build import available, status
 from adamx.fused._plan import SUPPORTED
 
@@ -55,7 +57,10 @@ _warned_lock = threading.Lock()
 
 
 def why_not(tx: object, grads: PyTree, opt_state: PyTree, params: PyTree) -> str | None:
-    """``None`` when :func:`apply_gradients` takes the fused path, else the reason it does not."""
+    """``None`` when :func:`apply_gradients` takes a fused path on the default backend (the C++
+    kernel on CPU, the Pallas kernels for 8-bit moments on GPU and TPU), else the reason it does not."""
+    if jax.default_backend() != "cpu":
+        return _pallas.plan(tx, grads, opt_state, params)[0]
     return _plan.plan(tx, grads, opt_state, params)[0]
 
 
@@ -87,7 +92,8 @@ def apply_gradients(
 
     For an ``adamx.adam``/``adamx.adamw`` optimizer on CPU it runs one in-place pass over
     params, grads and optimizer state (jit the step and donate params and state to get
-    the in-place update without copies). Anything else takes the two lines above, and the
+    the in-place update without copies); on a GPU or TPU with ``quantize_moments=True``, one
+    Pallas kernel per 8-bit leaf (the platform the step is compiled for picks). Anything else takes the two lines above, and the
     ``adamx`` logger prints a WARNING once per reason (the kernel is unavailable, an option
     or dtype it does not take, ...; :func:`why_not` returns it).
 
@@ -102,14 +108,33 @@ def apply_gradients(
       [0.9, -1.9]
     """
     reason, pl = _plan.plan(tx, grads, opt_state, params)
+    accel_reason, accel = _pallas.plan(tx, grads, opt_state, params)
     if pl is None:
         own = getattr(tx, "apply_gradients", None)
         if getattr(tx, "spec", None) is None and callable(own):
             return own(grads, opt_state, params)  # e.g. a loss scaler around a fused adamx.adam
-        _warn_fallback(reason or "no plan")
+        if jax.default_backend() == "cpu":
+            _warn_fallback(reason or "no plan")
+        elif accel is None:
+            _warn_fallback(accel_reason or "no plan")
+
+    def reference() -> tuple[PyTree, PyTree]:
         updates, new_state = tx.update(grads, opt_state, params)
         return _apply_updates(params, updates), new_state
-    return _kernel.run(pl, opt_state, params)
+
+    def cpu() -> tuple[PyTree, PyTree]:
+        return reference() if pl is None else _kernel.run(pl, opt_state, params)
+
+    if accel is None:
+        return cpu()
+    # 8-bit moments: the Pallas kernels on GPU and TPU (adamx/fused/_pallas.py), picked by the
+    # platform the step is compiled for (a deviceless compile for an accelerator included)
+    return jax.lax.platform_dependent(
+        cpu=cpu,
+        cuda=lambda: _pallas.run(accel, opt_state, "gpu"),
+        tpu=lambda: _pallas.run(accel, opt_state, "tpu"),
+        default=lambda: _pallas.run(accel, opt_state, "other"),  # the XLA step per leaf (ROCm, ...)
+    )
 
 
 def _apply_updates(params: PyTree, updates: PyTree) -> PyTree:
