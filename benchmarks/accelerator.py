@@ -172,6 +172,7 @@ OPTION_SETS: dict[str, OptionSet] = {
         OptionSet("8-bit, apply_gradients", {"quantize_moments": True}, fused=True),
         OptionSet("8-bit, bf16, apply_gradients", {"quantize_moments": True}, jnp.bfloat16, jnp.bfloat16, fused=True),
         OptionSet("fp8 moments", {"quantize_moments": True, "moment_format": "fp8"}),
+        OptionSet("fp8, apply_gradients", {"quantize_moments": True, "moment_format": "fp8"}, fused=True),
         OptionSet("4bit moments", {"quantize_moments": True, "moment_format": "4bit"}),
         OptionSet("kahan, bf16", {"param_rounding": "kahan"}, jnp.bfloat16, jnp.bfloat16),
         OptionSet("stochastic, bf16", {"param_rounding": "stochastic"}, jnp.bfloat16, jnp.bfloat16),
@@ -210,6 +211,7 @@ QUICK_OPTION_SETS = (
     "8-bit, apply_gradients",
     "8-bit, bf16, apply_gradients",
     "fp8 moments",
+    "fp8, apply_gradients",
     "4bit moments",
     "kahan, bf16",
     "stochastic, bf16",
@@ -220,6 +222,7 @@ CODED = (  # the 0.75x goal's rows
     "8-bit, apply_gradients",
     "8-bit, bf16, apply_gradients",
     "fp8 moments",
+    "fp8, apply_gradients",
     "4bit moments",
 )
 

@@ -23,6 +23,8 @@ SLOW = [
     "tests/test_performance_paths.py::test_fused_flat_equals_reference[*",
     "tests/test_quantized_adam.py::test_fused_equals_reference_bit_for_bit[*",
     "tests/test_lowbit_fused.py::test_fused_equals_reference_bit_for_bit[*",
+    "tests/test_pallas_step.py::test_kernel_equals_xla_step[*",
+    "tests/test_pallas_step.py::test_step_equals_update[*",
     "tests/test_param_rounding.py::test_fused_equals_reference_bit_for_bit[*",
     "tests/test_schedules_and_config.py::test_schedule_values_equal_keras[*",
     "tests/test_sweep.py::test_sweep_case[*",

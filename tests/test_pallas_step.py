@@ -41,25 +41,30 @@ def _states(shape, dtype, seed=0, steps=3, **kw):
 
 def _scal(opt, s, lsf=1.0):
     sc = _step.scalars(opt.spec, s.count)
-    return jnp.stack([sc.c1, sc.c2, sc.alpha, sc.eps, sc.lr, sc.wd, jnp.float32(lsf), jnp.float32(0)])
+    return jnp.stack([sc.c1, sc.c2, sc.alpha, sc.eps, sc.lr, sc.wd, jnp.float32(lsf), jnp.float32(448)])
 
 
 def _bits(x):
     x = np.asarray(x)
-    return x.view(np.uint16) if x.dtype == jnp.bfloat16 else x.view(np.uint32) if x.dtype == np.float32 else x
+    if x.dtype == jnp.bfloat16:
+        return x.view(np.uint16)
+    if x.dtype == np.float32:
+        return x.view(np.uint32)
+    return x.view(np.uint8) if x.dtype.itemsize == 1 else x
 
 
+@pytest.mark.parametrize("fmt", _pallas.FORMATS)
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_kernel_equals_xla_step(platform, shape, dtype):
+def test_kernel_equals_xla_step(platform, shape, dtype, fmt):
     """Codes, scales and params of the interpreted kernel equal the XLA step's, bit for bit."""
     if platform == "tpu" and not _pallas.tpu_takes(shape, 256):
         pytest.fail(f"shape {shape} is meant for the TPU kernel")
-    opt, p, s, g = _states(shape, dtype)
+    opt, p, s, g = _states(shape, dtype, moment_format=fmt)
     mu, nu = s.mu["w"], s.nu["w"]
     args = (_scal(opt, s, 4.0), g["w"] * 4, p["w"], mu.codes, mu.scales, nu.codes, nu.scales)
-    kw = {"block_size": 256, "decay": False, "has_lsf": True}
+    kw = {"fmt": fmt, "block_size": 256, "decay": False, "has_lsf": True}
     got = _pallas._kernel_leaf(platform, *args, interpret=True, **kw)
     want = jax.jit(lambda *a: _pallas._reference_leaf(*a, **kw))(*args)
     for name, a, b in zip(["param", "mu codes", "mu scales", "nu codes", "nu scales"], got, want):
@@ -67,33 +72,36 @@ def test_kernel_equals_xla_step(platform, shape, dtype):
         np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=name)
 
 
+@pytest.mark.parametrize("fmt", _pallas.FORMATS)
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_kernel_decay_within_one_ulp(platform):
+def test_kernel_decay_within_one_ulp(platform, fmt):
     """With weight decay the codes are equal and the params within one float32 ulp (where the
     compiler contracts ``p * wd * lr`` into the update is its choice)."""
-    opt, p, s, g = _states((64, 512), jnp.float32, weight_decay=0.05)
+    opt, p, s, g = _states((64, 512), jnp.float32, weight_decay=0.05, moment_format=fmt)
     mu, nu = s.mu["w"], s.nu["w"]
     args = (_scal(opt, s), g["w"], p["w"], mu.codes, mu.scales, nu.codes, nu.scales)
-    kw = {"block_size": 256, "decay": True, "has_lsf": False}
+    kw = {"fmt": fmt, "block_size": 256, "decay": True, "has_lsf": False}
     got = _pallas._kernel_leaf(platform, *args, interpret=True, **kw)
     want = jax.jit(lambda *a: _pallas._reference_leaf(*a, **kw))(*args)
     for a, b in zip(got[1:], want[1:]):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(_bits(a), _bits(b))
     ulps = np.abs(_bits(got[0]).astype(np.int64) - _bits(want[0]).astype(np.int64))
     assert ulps.max() <= 1
     assert not np.array_equal(np.asarray(got[0]), np.asarray(p["w"]))  # the step moved the params
 
 
-def test_kernel_non_finite_gradient():
-    """A NaN gradient poisons its block as the XLA step does (scale NaN, codes of zero)."""
-    opt, p, s, g = _states((16, 512), jnp.float32)
+@pytest.mark.parametrize("fmt", _pallas.FORMATS)
+def test_kernel_non_finite_gradient(fmt):
+    """A NaN gradient poisons its block as the XLA step does (scale NaN)."""
+    opt, p, s, g = _states((16, 512), jnp.float32, moment_format=fmt)
     gw = g["w"].at[3, 300].set(jnp.nan)
     mu, nu = s.mu["w"], s.nu["w"]
     args = (_scal(opt, s), gw, p["w"], mu.codes, mu.scales, nu.codes, nu.scales)
-    kw = {"block_size": 256, "decay": False, "has_lsf": False}
+    kw = {"fmt": fmt, "block_size": 256, "decay": False, "has_lsf": False}
     got = _pallas._kernel_leaf("gpu", *args, interpret=True, **kw)
     want = jax.jit(lambda *a: _pallas._reference_leaf(*a, **kw))(*args)
-    assert np.isnan(np.asarray(got[2])[3, 1]) and np.isnan(np.asarray(got[4])[3, 1])
+    block = 3 * 2 + 1  # row 3, second block of 256
+    assert np.isnan(np.asarray(got[2]).ravel()[block]) and np.isnan(np.asarray(got[4]).ravel()[block])
     for a, b in zip(got, want):
         np.testing.assert_array_equal(_bits(a), _bits(b))
 
@@ -121,11 +129,13 @@ def _tree():
     ids=["adam", "decay", "clipnorm", "global_clip_lsf", "lsf_schedule"],
 )
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_step_equals_update(platform, kw):
+@pytest.mark.parametrize("fmt", _pallas.FORMATS)
+def test_step_equals_update(platform, kw, fmt):
     """The accelerator step (kernel leaves lowered to the XLA step on CPU) equals update +
     optax.apply_updates bit for bit, over three steps, on a tree of kernel and XLA leaves."""
+    kw = dict(kw)
     lr = kw.pop("learning_rate", 1e-2)
-    opt = adamx.adam(lr, quantize_moments=True, **kw)
+    opt = adamx.adam(lr, quantize_moments=True, moment_format=fmt, **kw)
     params = _tree()
     s_ref = s_acc = opt.init(params)
     p_ref = p_acc = params
@@ -153,7 +163,7 @@ def test_step_equals_update(platform, kw):
     ("kw", "why"),
     [
         ({"quantize_moments": False}, "8-bit"),
-        ({"quantize_moments": True, "moment_format": "fp8"}, "8-bit"),
+        ({"quantize_moments": True, "moment_format": "4bit"}, "8-bit"),
         ({"quantize_moments": True, "amsgrad": True}, "amsgrad"),
         ({"quantize_moments": True, "gradient_accumulation_steps": 2}, "accumulation"),
         ({"quantize_moments": True, "use_ema": True}, "use_ema"),
@@ -179,7 +189,9 @@ def test_primitive_eager_and_cpu_apply_gradients():
     kernel (the accelerator branches are traced, not lowered): the same numbers as update."""
     opt, p, s, g = _states((32, 512), jnp.float32)
     mu, nu = s.mu["w"], s.nu["w"]
-    p2, m2, v2 = _pallas.leaf_step(_scal(opt, s), g["w"], p["w"], mu, nu, block_size=256, decay=False, has_lsf=False)
+    p2, m2, v2 = _pallas.leaf_step(
+        _scal(opt, s), g["w"], p["w"], mu, nu, fmt="dynamic8", block_size=256, decay=False, has_lsf=False
+    )
     u, s_ref = jax.jit(opt.update)(g, s, p)
     p_ref = optax.apply_updates(p, u)
     np.testing.assert_array_equal(np.asarray(p2), np.asarray(p_ref["w"]))

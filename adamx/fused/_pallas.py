@@ -1,4 +1,4 @@
-"""The fused step on GPU and TPU: one Pallas kernel per leaf for 8-bit moments.
+"""The fused step on GPU and TPU: one Pallas kernel per leaf for 8-bit (dynamic8, fp8) moments.
 
 ``jit(update + optax.apply_updates)`` with 8-bit moments cannot reach the memory roofline on an
 accelerator: the block absmax of the new moments must be known before any code is written, so
@@ -19,6 +19,9 @@ in place (``input_output_aliases``; donate params and state).
     p' = p + (-(m' * alpha) / (sqrt(v') + eps) - p * wd * lr)  (decay on decayed leaves)
     s' = absmax(m') ; c' = nearest code of m' / s'              (and the same for v')
 
+(``dynamic8``; for ``fp8``: ``m = f32(c_mu) * s_mu``, ``s' = max(absmax(m'), 1e-12) / 448``,
+``c' = e4m3fn(m' / s')``, as :mod:`adamx._lowbit`.)
+
 The arithmetic is :mod:`adamx._step`'s, written with the same functions (``dynamic_decode``,
 ``dynamic_encode``, the absmax over the float bits), so it compiles from one body for both
 backends and runs on CPU in interpret mode (the tests compare it with the reference step there:
@@ -27,9 +30,9 @@ contraction of ``p * wd * lr`` being the compiler's). On a GPU or TPU the compil
 other multiply-adds; a value a hair above its block's scale still encodes to the end code, as in
 the two-pass XLA schedule (docs/quantized_state.md, "bit identities").
 
-Which leaves: 8-bit (``dynamic8``) moments of the current layout whose last axis holds whole blocks,
-on params of float32 or bfloat16, on one device or split alike on an Explicit mesh in whole blocks
-(then per shard, under ``shard_map``: no collective). Every other leaf of the same tree takes
+Which leaves: ``dynamic8`` or ``fp8`` moments of the current layout whose last axis holds whole
+blocks, on params of float32 or bfloat16, on one device or (``dynamic8``) split alike on an Explicit
+mesh in whole blocks (then per shard, under ``shard_map``: no collective). Every other leaf of the same tree takes
 the XLA step (:func:`adamx._step.moments_coded`, then the update added as ``optax.apply_updates``
 adds it), in the same jitted program. Options the kernel does not take (amsgrad, accumulation, EMA,
 ``param_rounding``) leave the whole step to ``update`` + ``apply_updates``; clipping runs in XLA
@@ -48,8 +51,8 @@ import jax.numpy as jnp
 import optax
 from jax.interpreters import mlir
 
-from adamx import _decay, _quantize, _step, _tree
-from adamx._codecs import Dynamic8
+from adamx import _codecs, _decay, _lowbit, _quantize, _step, _tree
+from adamx._codecs import Dynamic8, MomentCodec
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, next_state
 from adamx._types import Leaf, PyTree
@@ -60,7 +63,8 @@ PARAM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 TPU_BLOCKS_PER_ROW = 32  # blocks of a row unrolled in the TPU kernel (static lane slices)
 TPU_VMEM_BYTES = 4 << 20  # the row tile's buffers (double-buffered) stay below this
 GPU_ROWS = 8  # blocks per Triton program (8 x 256 = 2048 elements)
-N_SCALARS = 8  # c1, c2, alpha, eps, lr, wd, lsf, (pad)
+N_SCALARS = 8  # c1, c2, alpha, eps, lr, wd, lsf, fp8's 448 (a runtime value: the division stays one)
+FORMATS = ("dynamic8", "fp8")  # the moment formats the kernel codes
 
 
 class AccelPlan(NamedTuple):
@@ -77,14 +81,18 @@ class AccelPlan(NamedTuple):
 
 
 def _spec_problem(spec: AdamSpec) -> str | None:
-    if not spec.quantize_moments or spec.moment_format != "dynamic8":
-        return "the accelerator kernel is for 8-bit (dynamic8) moments"
+    if not spec.quantize_moments or spec.moment_format not in FORMATS:
+        return f"the accelerator kernel is for 8-bit moments ({', '.join(FORMATS)})"
     if spec.amsgrad or spec.window is not None or spec.use_ema or spec.param_rounding != "nearest":
         return "amsgrad, gradient accumulation, use_ema and param_rounding are not in the accelerator kernel"
-    bs = spec.quantize_block_size
+    bs = _block_size(spec)
     if bs % 128 or bs & (bs - 1):
         return f"quantize_block_size {bs} is not a power of two >= 128"
     return None
+
+
+def _block_size(spec: AdamSpec) -> int:
+    return int(spec.codec("mu").block_size)  # type: ignore[attr-defined]
 
 
 class Split(NamedTuple):
@@ -119,21 +127,25 @@ def _split(arrays: tuple[Leaf, ...], shape: tuple[int, ...], block_size: int) ->
     return Split(first.mesh, jax.sharding.PartitionSpec(*spec))
 
 
-def leaf_fits(p: Leaf, g: Leaf, m: Leaf, v: Leaf, block_size: int) -> bool:
-    """Whether the kernel takes this leaf (8-bit moments of the current layout, blocks along the last
-    axis; on one device, or split alike in whole blocks on an Explicit mesh)."""
+def leaf_fits(p: Leaf, g: Leaf, m: Leaf, v: Leaf, codecs: tuple[MomentCodec, MomentCodec]) -> bool:
+    """Whether the kernel takes this leaf (coded moments of the current layout, blocks along the last
+    axis; on one device, or, for dynamic8, split alike in whole blocks on an Explicit mesh)."""
     if not all(isinstance(x, _quantize.QuantizedArray) for x in (m, v)):
         return False
+    block_size = int(codecs[0].block_size)  # type: ignore[attr-defined]
     shape = tuple(jnp.shape(p))
     if not shape or shape[-1] % block_size or jnp.dtype(jnp.result_type(p)) not in PARAM_DTYPES:
         return False
     if tuple(g.shape) != shape or jnp.dtype(g.dtype) not in (jnp.dtype(jnp.result_type(p)), jnp.dtype(jnp.float32)):
         return False
-    want = shape[:-1] + (shape[-1] // block_size,)
-    for q in (m, v):
-        if tuple(q.codes.shape) != shape or q.codes.dtype != jnp.uint8 or tuple(q.scales.shape) != want:
-            return False
-    return _split((p, g, m.codes, m.scales, v.codes, v.scales), shape, block_size) is not False
+    for q, c in zip((m, v), codecs):
+        want = c.state_shapes(shape)
+        for a, w in zip(q, want):
+            if tuple(a.shape) != tuple(w.shape) or jnp.dtype(a.dtype) != jnp.dtype(w.dtype):
+                return False
+    split = _split((p, g, m.codes, m.scales, v.codes, v.scales), shape, block_size)
+    # fp8's scales are 1-D: no spec of the param's applies to them, so a split leaf takes the XLA step
+    return split is None or (split is not False and isinstance(codecs[0], Dynamic8))
 
 
 def local_shape(p: Leaf, block_size: int) -> tuple[int, ...]:
@@ -164,10 +176,10 @@ def plan(tx: object, grads: PyTree, state: PyTree, params: PyTree) -> tuple[str 
         mu_l, nu_l = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     except (ValueError, TypeError):
         return "optimizer state does not match params", None
-    bs = spec.quantize_block_size
-    kernel = [leaf_fits(p, g, m, v, bs) for p, g, m, v in zip(p_l, g_l, mu_l, nu_l)]
+    codecs = (spec.codec("mu"), spec.codec("nu"))
+    kernel = [leaf_fits(p, g, m, v, codecs) for p, g, m, v in zip(p_l, g_l, mu_l, nu_l)]
     if not any(kernel):
-        return "no leaf the accelerator kernel takes (8-bit moments with whole blocks along the last axis)", None
+        return "no leaf the accelerator kernel takes (coded moments with whole blocks along the last axis)", None
     decay = _decay.decay_mask_leaves(params, spec.exclude, spec.weight_decay_mask) if spec.decay_on else []
     return None, AccelPlan(spec, g_l, p_l, treedef, mu_l, nu_l, decay or [False] * len(p_l), kernel)
 
@@ -175,13 +187,23 @@ def plan(tx: object, grads: PyTree, state: PyTree, params: PyTree) -> tuple[str 
 # ------------------------------------------------------------------ the kernel
 
 
-def _decode(codes: jax.Array, scale: jax.Array, signed: bool) -> jax.Array:
+def _decode(fmt: str, codes: jax.Array, scale: jax.Array, signed: bool) -> jax.Array:
+    """One block per row: :meth:`Dynamic8.decode` / :func:`adamx._lowbit.fp8_decode`."""
+    if fmt == "fp8":
+        return codes.astype(jnp.float32) * scale
     v = _quantize.dynamic_decode(codes, signed) * scale
     return jnp.where(jnp.abs(v) < _quantize.FLT_MIN, jnp.float32(0), v)
 
 
-def _encode(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
-    """Codes and the ``(rows, 1)`` block scales of ``x`` (one block per row), as :func:`adamx._quantize.quantize`."""
+def _encode(fmt: str, x: jax.Array, signed: bool, fp8_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Codes and the ``(rows, 1)`` block scales of ``x`` (one block per row), as
+    :func:`adamx._quantize.quantize` / :func:`adamx._lowbit.fp8_encode`."""
+    if fmt == "fp8":
+        # the absmax, NaN if the block holds one: an integer max over the bits (Triton has no reduce_or)
+        bits = jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF)
+        amax = _quantize._scale_of(jnp.max(bits, axis=-1, keepdims=True))
+        s = jnp.maximum(amax, _lowbit.SCALE_FLOOR) / fp8_max
+        return (x / (s + x * jnp.float32(0))).astype(jnp.float8_e4m3fn), s
     x = jnp.where(jnp.abs(x) < _quantize.FLT_MIN, jnp.float32(0), x)
     s = _quantize._scale_of(jnp.max(_quantize._abs_bits(x), axis=-1, keepdims=True))
     inv = jnp.float32(1) / jnp.where(s == 0, jnp.float32(1), s)
@@ -191,8 +213,8 @@ def _encode(x: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
 def _body(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref, mso_ref, vco_ref, vso_ref, **kw):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN003
     """One tile: ``nb`` blocks per row of ``block_size`` lanes each (static slices; the scales of
     the row tile are read and written whole, a block's picked out by a select on its lane)."""
-    nb, bs, decay, has_lsf = kw["nb"], kw["block_size"], kw["decay"], kw["has_lsf"]
-    c1, c2, alpha, eps, lr, wd, lsf = (s_ref[i] for i in range(7))
+    fmt, nb, bs, decay, has_lsf = kw["fmt"], kw["nb"], kw["block_size"], kw["decay"], kw["has_lsf"]
+    c1, c2, alpha, eps, lr, wd, lsf, fp8_max = (s_ref[i] for i in range(8))
     ms_all, vs_all = ms_ref[...], vs_ref[...]
     lane = jax.lax.broadcasted_iota(jnp.int32, ms_all.shape, 1)
 
@@ -205,8 +227,8 @@ def _body(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref, 
         g = g_ref[:, sl].astype(jnp.float32)
         if has_lsf:
             g = g / lsf
-        m = _decode(mc_ref[:, sl], pick(ms_all, j), True)
-        v = _decode(vc_ref[:, sl], pick(vs_all, j), False)
+        m = _decode(fmt, mc_ref[:, sl], pick(ms_all, j), True)
+        v = _decode(fmt, vc_ref[:, sl], pick(vs_all, j), False)
         m2 = m + (g - m) * c1
         v2 = v + (g * g - v) * c2
         u = -((m2 * alpha) / (jnp.sqrt(v2) + eps))
@@ -214,8 +236,8 @@ def _body(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref, 
         if decay:
             u = u - (p.astype(jnp.float32) * wd) * lr
         po_ref[:, sl] = (p + u.astype(p.dtype)).astype(p.dtype)
-        mc, ms = _encode(m2, True)
-        vc, vs = _encode(v2, False)
+        mc, ms = _encode(fmt, m2, True, fp8_max)
+        vc, vs = _encode(fmt, v2, False, fp8_max)
         mco_ref[:, sl] = mc
         vco_ref[:, sl] = vc
         new_ms = ms if nb == 1 else jnp.where(lane == j, ms, new_ms)
@@ -251,6 +273,7 @@ def _kernel_leaf(
     vc: jax.Array,
     vs: jax.Array,
     *,
+    fmt: str,
     block_size: int,
     decay: bool,
     has_lsf: bool,
@@ -298,7 +321,7 @@ def _kernel_leaf(
 
     args = (scal, view2(g, width), view2(p, width), view2(mc, width), view2(ms, nb), view2(vc, width), view2(vs, nb))
     outs = pl.pallas_call(
-        functools.partial(_body, nb=nb, block_size=bs, decay=decay, has_lsf=has_lsf),
+        functools.partial(_body, fmt=fmt, nb=nb, block_size=bs, decay=decay, has_lsf=has_lsf),
         grid=(pl.cdiv(rows, tr),),
         in_specs=[s_spec, block(width), block(width), block(width), block(nb), block(width), block(nb)],
         out_specs=[block(width), block(width), block(nb), block(width), block(nb)],
@@ -313,7 +336,7 @@ def _kernel_leaf(
 def _scalars(scal: jax.Array) -> _step.Scalars:
     """The :class:`adamx._step.Scalars` the kernel reads, from its scalar vector (the others unused)."""
     one = jnp.float32(1)
-    c1, c2, alpha, eps, lr, wd, lsf = (scal[i] for i in range(7))
+    c1, c2, alpha, eps, lr, wd, lsf = (scal[i] for i in range(7))  # scal[7]: fp8's 448, the codec's own
     return _step.Scalars(c1, c2, alpha, eps, lr, wd, lsf, one, one, one, one, one, one, one, one, one)
 
 
@@ -326,6 +349,7 @@ def _reference_leaf(
     vc: jax.Array,
     vs: jax.Array,
     *,
+    fmt: str,
     block_size: int,
     decay: bool,
     has_lsf: bool,
@@ -336,7 +360,7 @@ def _reference_leaf(
     g32 = g.astype(jnp.float32)
     if has_lsf:
         g32 = g32 / sc.lsf
-    codecs = [Dynamic8(signed=True, block_size=block_size), Dynamic8(signed=False, block_size=block_size)]
+    codecs = [_codecs.codec(fmt, f, block_size, 0) for f in ("mu", "nu")]
     mu, nu = _quantize.QuantizedArray(mc, ms), _quantize.QuantizedArray(vc, vs)
     d, m2, v2, _ = _step.moments_coded(sc, g32, mu, nu, None, codecs + codecs[1:])
     u = _step.descent(sc, d, p, decay, p.dtype)
@@ -366,15 +390,17 @@ def leaf_step(
     mu: _quantize.QuantizedArray,
     nu: _quantize.QuantizedArray,
     *,
+    fmt: str,
     block_size: int,
     decay: bool,
     has_lsf: bool,
 ) -> tuple[jax.Array, _quantize.QuantizedArray, _quantize.QuantizedArray]:
-    """One leaf's step: ``(new param, new mu, new nu)``; ``scal`` holds :data:`N_SCALARS` float32
-    (``c1, c2, alpha, eps, lr, wd, lsf``). The kernel on a GPU or TPU, the XLA step elsewhere."""
+    """One leaf's step: ``(new param, new mu, new nu)`` with moments in format ``fmt`` (:data:`FORMATS`);
+    ``scal`` holds :data:`N_SCALARS` float32 (``c1, c2, alpha, eps, lr, wd, lsf, 448``). The kernel
+    on a GPU or TPU, the XLA step elsewhere."""
 
     def bind(*args: jax.Array) -> list[jax.Array]:
-        return step_p.bind(*args, block_size=block_size, decay=decay, has_lsf=has_lsf)
+        return step_p.bind(*args, fmt=fmt, block_size=block_size, decay=decay, has_lsf=has_lsf)
 
     arrays = (g, p, mu.codes, mu.scales, nu.codes, nu.scales)
     sp = _split(arrays, tuple(p.shape), block_size)
@@ -406,15 +432,14 @@ def run(ap: AccelPlan, state: AdamState, platform: str) -> tuple[PyTree, PyTree]
     g_l = _step.clip(spec, _step.unscale(spec, ap.g_l), None, None) if clipped else ap.g_l
     has_lsf = spec.loss_scale_factor is not None and not clipped
     lsf = sc.lsf if has_lsf else jnp.float32(1)
-    zero = jnp.float32(0)
-    scal = jnp.stack([sc.c1, sc.c2, sc.alpha, sc.eps, sc.lr, sc.wd, lsf, zero]).astype(jnp.float32)
+    fp8_max = jnp.float32(_lowbit.FP8_MAX)
+    scal = jnp.stack([sc.c1, sc.c2, sc.alpha, sc.eps, sc.lr, sc.wd, lsf, fp8_max]).astype(jnp.float32)
     codecs = [spec.codec(f) for f in ("mu", "nu", "nu_max")]
-    assert all(isinstance(c, Dynamic8) for c in codecs[:2])
-    bs = spec.quantize_block_size
+    fmt, bs = spec.moment_format, _block_size(spec)
     p_new, mu_new, nu_new = [], [], []
     for g, p, m, v, dec, k in zip(g_l, ap.p_l, ap.mu_l, ap.nu_l, ap.decay, ap.kernel):
         if k and (platform != "tpu" or tpu_takes(local_shape(p, bs), bs)):
-            p2, m2, v2 = leaf_step(scal, g, p, m, v, block_size=bs, decay=dec, has_lsf=has_lsf)
+            p2, m2, v2 = leaf_step(scal, g, p, m, v, fmt=fmt, block_size=bs, decay=dec, has_lsf=has_lsf)
         else:
             g32 = g if clipped else _step.unscale(spec, [g])[0]
             d, m2, v2, _ = _step.moments_coded(sc, g32, m, v, None, codecs)
