@@ -27,11 +27,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
+from jax.interpreters import batching, mlir
 
 from adamx import _averaging, _checks, _clipping, _decay, _flat, _hyper, _moments, _quantize, _rounding, _tree
-from adamx._codecs import MomentCodec
+from adamx._codecs import Dynamic8, MomentCodec
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, AnyAdamState, KahanAdamState, layout, next_state, tree_views
 from adamx._types import Leaf
@@ -158,7 +160,14 @@ def moments(sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf) -> tuple[Leaf, 
 
 
 def moments_coded(
-    sc: Scalars, g: Leaf, m: Leaf, v: Leaf, v_max: Leaf, codecs: Sequence[MomentCodec], schedule: str | None = None
+    sc: Scalars,
+    g: Leaf,
+    m: Leaf,
+    v: Leaf,
+    v_max: Leaf,
+    codecs: Sequence[MomentCodec],
+    schedule: str | None = None,
+    kernel: bool = True,
 ) -> tuple[Leaf, Leaf, Leaf, Leaf]:
     """:func:`moments` on a unit whose moments may be coded (:class:`adamx.QuantizedArray`,
     ``quantize_moments=True``; docs/quantized_state.md): decode (to float32), the float32 step,
@@ -190,6 +199,14 @@ def moments_coded(
 
     ``schedule`` (``"one_pass"``, ``"two_passes"``, ``"lanes"``, ``"plain"``) forces one on every
     backend (tests).
+
+    A ``dynamic8`` unit of the current layout with a float32 gradient, not split over devices, is
+    one :data:`coded_moments_p` (unless ``kernel=False``: :func:`coded_kernel_applies`): the schedules above,
+    except on XLA:CPU with the C++ kernel built, where it is one call of the fused step's per-block
+    arithmetic (``adamx.fused`` registers that lowering; ``jax.export`` keeps XLA's). The same bits
+    for a gradient that is an argument of the step; for one computed in the same program, XLA's
+    schedule may contract its last product into ``g - m`` and the kernel, like ``apply_gradients``,
+    does not (an ulp apart).
     """
     qs = [isinstance(x, _quantize.QuantizedArray) for x in (m, v, v_max)]
     if g is None or not any(qs):
@@ -236,6 +253,12 @@ def moments_coded(
         return {"one_pass": one_pass, "two_passes": two_passes, "plain": plain, "lanes": lanes}[schedule](
             g, m, v, v_max
         )
+    if kernel and _kernel_takes(g, (m, v, v_max), codecs):
+        ams = v_max is not None
+        ops = [a for x in ((m, v, v_max) if ams else (m, v)) for a in x]
+        r = coded_moments_p.bind(*sc, g, *ops, codecs=tuple(codecs[: 2 + ams]), ams=ams)
+        pairs = [_quantize.QuantizedArray(r[1 + 2 * j], r[2 + 2 * j]) for j in range(len(ops) // 2)]
+        return r[0], pairs[0], pairs[1], (pairs[2] if ams else None)
     return jax.lax.platform_dependent(
         g,
         m,
@@ -247,6 +270,78 @@ def moments_coded(
         tpu=lanes,
         default=plain,
     )
+
+
+# ------------------------------------------------------------------ one 8-bit unit as a primitive
+#
+# An 8-bit (dynamic8) unit's moments_coded is one primitive, lowered per platform: XLA's schedules
+# (above) by default; on CPU adamx.fused registers the C++ kernel's one pass per block (the fused
+# step's arithmetic: XLA:CPU compiles the arithmetic codec slowly, ~50 ms a leaf, and runs it at a
+# fraction of the memory bandwidth). A lowering is traced only for its own platform, so the CPU
+# program does not pay for the accelerator schedules, nor they for the kernel.
+
+
+def coded_kernel_applies(spec: AdamSpec) -> bool:
+    """Whether ``spec``'s steps may take :data:`coded_moments_p`'s kernel: not where the gradient
+    reaching the moments is a product XLA would contract into their ``g - m`` (clipping by norm,
+    the accumulation window's mean), which a kernel operand cannot: those keep XLA's schedule."""
+    return spec.clip_mode not in ("norm", "global_norm") and spec.window is None
+
+
+def _kernel_takes(g: Leaf, moms: tuple[Leaf, Leaf, Leaf], codecs: Sequence[MomentCodec]) -> bool:
+    """Whether the unit goes through :data:`coded_moments_p`: every moment 8-bit in the ``dynamic8``
+    format of the current layout (signed ``mu``, unsigned ``nu``/``nu_max``, one block size), a float32
+    gradient, nothing split over devices (a custom call would need it gathered)."""
+    m, v, v_max = moms
+    qs = [x for x in moms if x is not None]
+    cs = list(codecs[: len(qs)])
+    if g is None or jnp.dtype(g.dtype) != jnp.dtype(jnp.float32) or len(cs) < len(qs) or m is None or v is None:
+        return False
+    if not all(isinstance(x, _quantize.QuantizedArray) for x in qs) or not all(isinstance(c, Dynamic8) for c in cs):
+        return False
+    d8: list[Dynamic8] = cs  # type: ignore[assignment]
+    if not d8[0].signed or any(c.signed for c in d8[1:]) or len({c.block_size for c in d8}) != 1:
+        return False
+    want = d8[0].state_shapes(tuple(jnp.shape(g)))
+    for x in qs:
+        for a, w in zip(x, want):
+            if tuple(a.shape) != tuple(w.shape) or jnp.dtype(a.dtype) != jnp.dtype(w.dtype):
+                return False  # e.g. the first (1-D) layout: XLA's path converts it
+    return not any(_tree.is_sharded(a) for a in (g, *(a for x in qs for a in x)))
+
+
+def coded_moments_xla(*args: jax.Array, codecs: tuple[MomentCodec, ...], ams: bool) -> list[jax.Array]:
+    """:data:`coded_moments_p` by XLA: ``args`` = the :class:`Scalars`, ``g``, codes and scales of
+    ``mu``, ``nu`` (, ``nu_max``); returns the direction, then the new codes and scales."""
+    n_sc = len(Scalars._fields)
+    sc, g, ops = Scalars(*args[:n_sc]), args[n_sc], args[n_sc + 1 :]
+    moms = [_quantize.QuantizedArray(ops[2 * j], ops[2 * j + 1]) for j in range(len(ops) // 2)]
+    full = (*codecs, *codecs[1:2]) if not ams else codecs
+
+    def sched(name: str) -> Callable[[], tuple[Leaf, Leaf, Leaf, Leaf]]:
+        return lambda: moments_coded(sc, g, moms[0], moms[1], moms[2] if ams else None, full, schedule=name)
+
+    d, m2, v2, x2 = jax.lax.platform_dependent(
+        cpu=sched("one_pass"),
+        cuda=sched("two_passes"),
+        rocm=sched("two_passes"),
+        tpu=sched("lanes"),
+        default=sched("plain"),
+    )
+    return [d, *m2, *v2, *(x2 if ams else ())]
+
+
+def _coded_moments_batched(args: Sequence[jax.Array], dims: Sequence[Any], **params: Any) -> tuple[list, list]:
+    out = jax.vmap(lambda *a: coded_moments_xla(*a, **params), in_axes=tuple(dims))(*args)
+    return out, [0] * len(out)
+
+
+coded_moments_p = jax.extend.core.Primitive("adamx_coded_moments")
+coded_moments_p.multiple_results = True
+coded_moments_p.def_impl(lambda *args, **params: jax.jit(lambda *a: coded_moments_xla(*a, **params))(*args))
+coded_moments_p.def_abstract_eval(lambda *args, codecs, ams: list(args[len(Scalars._fields) :]))
+mlir.register_lowering(coded_moments_p, mlir.lower_fun(coded_moments_xla, multiple_results=True))
+batching.primitive_batchers[coded_moments_p] = _coded_moments_batched
 
 
 def descent(sc: Scalars, d: Leaf, p: Leaf, decay: bool, dtype: Leaf) -> Leaf:
@@ -320,8 +415,10 @@ def direction(
             g_u, acc = window_mean(spec, g_u, st.acc)
         g_u = clip(spec, g_u, split, join)
         cs = [spec.codec(f) for f in ("mu", "nu", "nu_max")] if spec.quantize_moments else []
+        kernel = coded_kernel_applies(spec)
         d_u, mu, nu, nm = (
-            list(x) for x in zip(*(moments_coded(sc, *a, codecs=cs) for a in zip(g_u, st.mu, st.nu, st.nu_max)))
+            list(x)
+            for x in zip(*(moments_coded(sc, *a, codecs=cs, kernel=kernel) for a in zip(g_u, st.mu, st.nu, st.nu_max)))
         )
         return (d_u if finish is None else finish(d_u, sc)), Moments(acc, mu, nu, nm)
 

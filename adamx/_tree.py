@@ -166,3 +166,27 @@ def zeros_like(p: ArrayLike, dtype: DType) -> jax.Array:
 def fresh_copy(p: ArrayLike, dtype: DType) -> jax.Array:
     """A copy of ``p`` in ``dtype`` that never aliases ``p``'s buffer (safe under donation)."""
     return jnp.array(p, dtype=dtype, copy=True)
+
+
+def is_sharded(x: ArrayLike) -> bool:
+    """True when ``x`` may be split over devices: the kernel sees one device's buffers.
+
+    Concrete arrays: on more than one device. While tracing: the abstract mesh of the
+    value has a non-manual axis of size > 1 (jit over sharded or replicated inputs);
+    inside ``shard_map`` (manual axes) each shard is a plain local array, which is fine.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        sh = getattr(x, "sharding", None)
+        if sh is None:
+            return False
+        try:
+            return len(sh.device_set) > 1
+        except Exception:  # noqa: BLE001
+            return True
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+        sizes = dict(mesh.shape)
+        types = tuple(mesh.axis_types)
+    except Exception:  # noqa: BLE001 - no sharding information: a plain single-device value
+        return False
+    return any(size > 1 and "manual" not in str(t).lower() for size, t in zip(sizes.values(), types))

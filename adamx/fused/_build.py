@@ -27,11 +27,12 @@ from adamx._step import Scalars
 
 log = logging.getLogger("adamx")
 
-ABI = 4
+ABI = 5
 STEP_TARGET = "adamx_fused_step_v2"
 SUMSQ_TARGET = "adamx_fused_sumsq_v2"
 Q8_TARGET = "adamx_fused_step_q8_v2"  # quantize_moments: 8-bit mu/nu/nu_max
 LOWBIT_TARGET = "adamx_fused_step_lowbit_v1"  # moment_format="fp8" / "4bit"
+MOMENTS_Q8_TARGET = "adamx_fused_moments_q8_v1"  # quantize_moments on the update path: one 8-bit leaf
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")
 # kernel.cc includes "_quant8.h" and "_lowbit.h" from the package directory (adamx/)
 INCLUDE_DIR = os.path.dirname(os.path.dirname(SOURCE))
@@ -226,6 +227,7 @@ def available() -> bool:
             jax.ffi.register_ffi_target(SUMSQ_TARGET, jax.ffi.pycapsule(lib.AdamxFusedSumsq), platform="cpu")
             jax.ffi.register_ffi_target(Q8_TARGET, jax.ffi.pycapsule(lib.AdamxFusedStepQ8), platform="cpu")
             jax.ffi.register_ffi_target(LOWBIT_TARGET, jax.ffi.pycapsule(lib.AdamxFusedStepLowbit), platform="cpu")
+            jax.ffi.register_ffi_target(MOMENTS_Q8_TARGET, jax.ffi.pycapsule(lib.AdamxFusedMomentsQ8), platform="cpu")
             _status.update(ok=True, path=path, lib=lib)
         except Exception as e:  # noqa: BLE001 - any failure means: use the reference path
             _status.update(ok=False, error=f"{type(e).__name__}: {e}")

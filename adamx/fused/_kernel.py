@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+import logging
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.interpreters import mlir
 
 from adamx import _clipping, _decay, _lowbit, _rounding, _step
 from adamx._flat import FlatBuffers
@@ -16,6 +18,8 @@ from adamx._state import AnyAdamState, code_map, make_state
 from adamx._types import ArrayLike, PyTree
 from adamx.fused import _build
 from adamx.fused._plan import FlatPlan, Plan, TreePlan
+
+log = logging.getLogger("adamx")
 
 # XLA's compile time grows faster than linearly with the operand count of one custom
 # call; calls of about OPERANDS_PER_CALL operands keep it linear in the leaf count.
@@ -266,3 +270,36 @@ LOWBIT_FORMATS = {"fp8": 1, "4bit": 2}
 _LOWBIT_TABLES = np.concatenate(
     [_lowbit.M4_MAP, _lowbit.q4_thresholds(_lowbit.M4_MAP), _lowbit.V4_MAP, _lowbit.q4_thresholds(_lowbit.V4_MAP)]
 ).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- the update path
+def _coded_moments_ffi(*args: jax.Array, codecs: tuple, ams: bool) -> list[jax.Array]:
+    """:data:`adamx._step.coded_moments_p` as one call of :data:`_build.MOMENTS_Q8_TARGET`: per
+    block decode, the float32 moments and the direction (the fused step's ``step_segment``), encode."""
+    n_sc = len(_step.Scalars._fields)
+    sc, g, ops = _step.Scalars(*args[:n_sc]), args[n_sc], args[n_sc + 1 :]
+    block = int(codecs[0].block_size)
+    outs = [jax.ShapeDtypeStruct(g.shape, jnp.float32)] + [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ops]
+    call = jax.ffi.ffi_call(
+        _build.MOMENTS_Q8_TARGET, outs, input_output_aliases={3 + k: 1 + k for k in range(len(ops))}
+    )
+    return list(call(_scalar_vec(sc), _CODE_MAPS, g, *ops, ams=np.int64(ams), block=np.int64(block)))
+
+
+_ffi_rule = mlir.lower_fun(_coded_moments_ffi, multiple_results=True)
+_xla_rule = mlir.lower_fun(_step.coded_moments_xla, multiple_results=True)
+_said_unavailable: list[bool] = []
+
+
+def _coded_moments_cpu(ctx: Any, *args: Any, **params: Any) -> Any:
+    """The CPU lowering of :data:`adamx._step.coded_moments_p`: the C++ kernel, or XLA's step where
+    the kernel is not built or the program is exported (``jax.export`` takes no custom call)."""
+    if ctx.module_context.lowering_parameters.for_export or not _build.available():
+        if not _build.available() and not _said_unavailable:
+            _said_unavailable.append(True)
+            log.debug("adamx: 8-bit update on XLA:CPU without the fused kernel: %s", _build.status()["error"])
+        return _xla_rule(ctx, *args, **params)
+    return _ffi_rule(ctx, *args, **params)
+
+
+mlir.register_lowering(_step.coded_moments_p, _coded_moments_cpu, platform="cpu")

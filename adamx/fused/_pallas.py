@@ -362,7 +362,7 @@ def _reference_leaf(
         g32 = g32 / sc.lsf
     codecs = [_codecs.codec(fmt, f, block_size, 0) for f in ("mu", "nu")]
     mu, nu = _quantize.QuantizedArray(mc, ms), _quantize.QuantizedArray(vc, vs)
-    d, m2, v2, _ = _step.moments_coded(sc, g32, mu, nu, None, codecs + codecs[1:])
+    d, m2, v2, _ = _step.moments_coded(sc, g32, mu, nu, None, codecs + codecs[1:], kernel=False)
     u = _step.descent(sc, d, p, decay, p.dtype)
     return [(p + u).astype(p.dtype), *m2, *v2]
 
@@ -442,7 +442,7 @@ def run(ap: AccelPlan, state: AdamState, platform: str) -> tuple[PyTree, PyTree]
             p2, m2, v2 = leaf_step(scal, g, p, m, v, fmt=fmt, block_size=bs, decay=dec, has_lsf=has_lsf)
         else:
             g32 = g if clipped else _step.unscale(spec, [g])[0]
-            d, m2, v2, _ = _step.moments_coded(sc, g32, m, v, None, codecs)
+            d, m2, v2, _ = _step.moments_coded(sc, g32, m, v, None, codecs, kernel=_step.coded_kernel_applies(spec))
             u = _step.descent(sc, d, p, dec, jnp.result_type(p))
             with jax.numpy_dtype_promotion("standard"):
                 p2 = optax.apply_updates(p, u)

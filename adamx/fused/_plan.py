@@ -24,6 +24,7 @@ from adamx import _checks, _codecs, _quantize, _state, _tree
 from adamx._flat import FlatBuffers
 from adamx._spec import AdamSpec, FusedSupport, StateField, options_table
 from adamx._state import AdamState, AnyAdamState, KahanAdamState
+from adamx._tree import is_sharded as is_sharded
 from adamx._types import ArrayLike, DType, PyTree
 from adamx.fused import _build
 
@@ -141,30 +142,6 @@ class FlatPlan(NamedTuple):
 
 Plan: TypeAlias = "TreePlan | FlatPlan"
 Planned: TypeAlias = "tuple[str | None, Plan | None]"
-
-
-def is_sharded(x: ArrayLike) -> bool:
-    """True when ``x`` may be split over devices: the kernel sees one device's buffers.
-
-    Concrete arrays: on more than one device. While tracing: the abstract mesh of the
-    value has a non-manual axis of size > 1 (jit over sharded or replicated inputs);
-    inside ``shard_map`` (manual axes) each shard is a plain local array, which is fine.
-    """
-    if not isinstance(x, jax.core.Tracer):
-        sh = getattr(x, "sharding", None)
-        if sh is None:
-            return False
-        try:
-            return len(sh.device_set) > 1
-        except Exception:  # noqa: BLE001
-            return True
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-        sizes = dict(mesh.shape)
-        types = tuple(mesh.axis_types)
-    except Exception:  # noqa: BLE001 - no sharding information: a plain single-device value
-        return False
-    return any(size > 1 and "manual" not in str(t).lower() for size, t in zip(sizes.values(), types))
 
 
 def _leaf_dtype_problem(g: jax.Array, p: ArrayLike) -> str | None:

@@ -1035,6 +1035,91 @@ static ffi::Error LStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- 8-bit moments on the update path
+// adamx.adam(quantize_moments=True).update on XLA:CPU (adamx/_step.py, moments_coded): per
+// 8-bit leaf, the moments without the params. Per block: decode m, v (and v_max), the float32
+// step (step_segment itself, so the arithmetic and FMA contractions are the fused step's),
+// the direction d = m * alpha / (sqrt(v_u) + eps) out, the new moments encoded; the caller
+// (XLA) does the rest of the step from d. The gradient arrives unscaled, averaged and
+// clipped, as a float32 array; the caller passes it only where it is no product (no
+// loss_scale_factor, accumulation or clipping by norm), where XLA's g - m is step_segment's
+// fma(g, 1, -m). step_segment's params are the d block preset to -0.0 (float32, nearest, no
+// decay, no EMA): it stores -0.0 + u = u = -d exactly, and d is its negation. The leaf is a
+// QLeaf whose p is the direction's buffer (float32), run by qstep_task; acc and ema are unused.
+template <bool AMS>
+static void qdir_segment(const QLeaf& L, const QMaps& mp, int64_t b, int64_t e, int64_t bs, const Sc& s) {
+  float* mf = q_scratch(3 * bs);
+  float* vf = mf + bs;
+  float* xf = vf + bs;
+  const float* g = static_cast<const float*>(L.g);
+  for (int64_t start = b; start < e; start += bs) {
+    const int64_t n = std::min(bs, e - start), blk = start / bs;
+    const size_t un = static_cast<size_t>(n);
+    q8::decode_block(*mp.m_dec, L.mc + start, L.ms[blk], un, mf);
+    q8::decode_block(*mp.v_dec, L.vc + start, L.vs[blk], un, vf);
+    if constexpr (AMS) q8::decode_block(*mp.v_dec, L.xc + start, L.xs[blk], un, xf);
+    float* d = static_cast<float*>(L.p) + start;
+    std::fill(d, d + n, -0.0f);
+    step_segment<float, float, float, float, float, 0, AMS, false, false>(d, g + start, mf, vf, xf, nullptr, nullptr,
+                                                                         nullptr, 0u, 0, n, s, 1.0f, false);
+    for (int64_t j = 0; j < n; ++j) d[j] = -d[j];
+    q8::encode_block(*mp.m_enc, mf, un, L.mc + start, L.ms + blk);
+    q8::encode_block(*mp.v_enc, vf, un, L.vc + start, L.vs + blk);
+    if constexpr (AMS) q8::encode_block(*mp.v_enc, xf, un, L.xc + start, L.xs + blk);
+  }
+}
+
+// One 8-bit leaf of n elements. Args: scalars f32[kNumScalars] (adamx._step.Scalars; only c1,
+// c2, alpha, eps are read), code maps f32[512] (signed then unsigned), g f32[n], m codes u8[n],
+// m scales f32[nb], v codes, v scales[, v_max codes, v_max scales]; rets: d f32[n], then the
+// new codes and scales in the order of the args (in place). nb = ceil(n / block).
+static ffi::Error QDirImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> maps,
+                           ffi::Buffer<ffi::F32> g, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t ams,
+                           int64_t block) {
+  if (scalars.element_count() < kNumScalars) return bad("adamx: scalar operand too short");
+  if (maps.element_count() != 512) return bad("adamx: code maps must be f32[512]");
+  if (block < 1) return bad("adamx: block size must be positive");
+  const int64_t nq = ams ? 6 : 4;
+  if (static_cast<int64_t>(args.size()) != nq || static_cast<int64_t>(rets.size()) != nq + 1)
+    return bad("adamx: the 8-bit moments call takes codes and scales of m, v[, v_max]");
+  const int64_t n = static_cast<int64_t>(g.element_count());
+  const int64_t nb = (n + block - 1) / block;
+  auto d = rets.get<ffi::Buffer<ffi::F32>>(0);
+  if (!d || static_cast<int64_t>((*d)->element_count()) != n) return bad("adamx: bad direction buffer");
+  void* st[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  for (int64_t k = 0; k < nq; ++k) {
+    auto x = args.get<ffi::AnyBuffer>(k);
+    auto xo = rets.get<ffi::AnyBuffer>(k + 1);
+    if (!x || !xo) return bad("adamx: bad 8-bit state buffer");
+    const bool is_codes = k % 2 == 0;
+    const ffi::DataType want_t = is_codes ? ffi::DataType::U8 : ffi::DataType::F32;
+    if (static_cast<int64_t>(x->element_count()) != (is_codes ? n : nb) || x->element_type() != want_t)
+      return bad("adamx: bad 8-bit state buffer (codes u8[n], scales f32[ceil(n / block)])");
+    st[k] = inplace(*x, *xo);
+  }
+  Sc sc = read_scalars(scalars.typed_data());
+  sc.has_lsf = false;  // the gradient arrives unscaled, averaged and clipped
+  sc.is_real = true;
+  sc.clip_mode = 0;
+  const std::shared_ptr<const QTables> tables = q_tables(maps.typed_data());
+  QLeaf leaf{};
+  leaf.p = (*d)->typed_data();
+  leaf.g = g.typed_data();
+  leaf.mc = static_cast<uint8_t*>(st[0]); leaf.ms = static_cast<float*>(st[1]);
+  leaf.vc = static_cast<uint8_t*>(st[2]); leaf.vs = static_cast<float*>(st[3]);
+  leaf.xc = static_cast<uint8_t*>(st[4]); leaf.xs = static_cast<float*>(st[5]);
+  leaf.fn = ams ? &qdir_segment<true> : &qdir_segment<false>;
+  std::vector<Seg> segs;
+  std::vector<int64_t> task_start;
+  make_tasks({n}, &segs, &task_start, std::max<int64_t>(1, kSeg / block) * block);
+  const int64_t ntasks = static_cast<int64_t>(task_start.size()) - 1;
+  if (ntasks <= 0) return ffi::Error::Success();
+  QStepCtx ctx{&leaf, segs.data(), task_start.data(),
+               QMaps{&tables->m_enc, &tables->v_enc, &tables->m_dec, &tables->v_dec}, block, sc};
+  parallel_for(pool, ntasks, n, &qstep_task, &ctx);
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------- sum of squares handler
 struct SumCtx {
   const std::vector<const void*>* g;
@@ -1180,7 +1265,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedSumsq, SumsqImpl,
                                   .Attr<int64_t>("acc")
                                   .Attr<int64_t>("flat"));
 
-extern "C" int adamx_fused_abi_version() { return 4; }
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxFusedMomentsQ8, QDirImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("ams")
+                                  .Attr<int64_t>("block"));
+
+extern "C" int adamx_fused_abi_version() { return 5; }
 
 #define ADAMX_NAME(e, n) #n ","
 extern "C" const char* adamx_fused_scalar_names() { return ADAMX_SCALARS(ADAMX_NAME); }
