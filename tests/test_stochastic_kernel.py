@@ -9,7 +9,7 @@ blocks whose every x is 0 or has 2**-103 <= |x| <= the largest bf16. This checks
 * the fast form against the general one for every float32 x in its range with a few hashes (the
   proof of the kernel's comment, by exhaustion), and for edge x with every hash;
 * that it is wrong outside its range (the range test matters);
-* the kernel's short hash (``hash_hi16``) against MurmurHash3's finalizer for every counter, and its
+* the kernel's short hash (``SrHash``) against MurmurHash3's finalizer for every counter, and its
   NaN-free bf16 rounding (``round_bf16_not_nan``, for the fast blocks) against ``round_to`` for every float32;
 * the whole kernel against the reference step on a leaf whose blocks take both paths.
 
@@ -168,9 +168,10 @@ def test_short_hash_equals_murmur_for_every_counter(srlib):
 
 
 def test_short_hash_equals_murmur_across_runs(srlib):
-    """The fast test: counters across many runs of 2**16 (and the wrap at 2**32)."""
+    """The fast test: counters across many runs of 2**16 (and the wrap at 2**32), from the start of
+    a block and from inside one."""
     bad = ctypes.c_uint32()
-    for key, j0 in ((0x12345678, 0xFFF00000), (0xDEADBEEF, 0x0000FF00)):
+    for key, j0 in ((0x12345678, 0xFFF00000), (0xDEADBEEF, 0x0000FF00), (0x9E3779B9, 0x0001FFF3)):
         n = srlib.sr_hash_diff(key, j0, 2**22, ctypes.byref(bad))
         assert n == 0, f"key {key:#x}: {n} counters differ, first {bad.value:#x}"
 

@@ -199,24 +199,41 @@ static inline float round_bf16_not_nan(float f) {
 static inline float stochastic_round_bf16_fast(float x, uint32_t h) {
   const uint32_t xb = __builtin_bit_cast(uint32_t, x);
   const uint32_t neg = static_cast<uint32_t>(static_cast<int32_t>(xb) >> 31);
-  return __builtin_bit_cast(float, (xb + ((h ^ ~neg) >> 16)) & 0xffff0000u);
+  return __builtin_bit_cast(float, (xb + ((h ^ neg ^ 0xffff0000u) >> 16)) & 0xffff0000u);
 }
-// The top 16 bits of mix32(mix32(j ^ key) + key) (the rest is not defined) where kc == key ^ ((j ^
-// key) >> 16): the first xor-shift of mix32 is then j ^ kc, and the last changes the low 16 bits
-// only. A run of j that share their top 16 bits shares kc.
-static inline uint32_t hash_hi16(uint32_t j, uint32_t key, uint32_t kc) {
-  uint32_t h = (j ^ kc) * 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  h += key;
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  return h * 0xc2b2ae35u;
-}
-constexpr int64_t kSrBlock = 512;  // blocks of j aligned to kSrBlock lie in one run of 2**16
-static_assert(65536 % kSrBlock == 0, "hash_hi16 needs each block inside a run of 2**16");
+constexpr int64_t kSrBlock = 512;  // the kernel's blocks of j (aligned): each lies in one run of 2**16
+static_assert(65536 % kSrBlock == 0, "SrHash needs each block inside a run of 2**16");
+// The top 16 bits of mix32(mix32(j ^ key) + key) (the rest is not defined) for the j of one block:
+// j ^ key has the same top 16 bits c there, so mix32's first xor-shift gives j ^ kc, kc = key ^ c,
+// and with J = j & -kSrBlock and i = j % kSrBlock, j ^ kc is (J ^ kc & -kSrBlock) + (i ^ kc %
+// kSrBlock) (disjoint bits): its product with 0x85ebca6b is a + t[i], t a table kept while kc %
+// kSrBlock stays (a segment). The last xor-shift of mix32 changes the low 16 bits only.
+struct SrHash {
+  alignas(64) uint32_t t[kSrBlock];
+  uint32_t t_of = ~0u;  // the kc % kSrBlock of t (none yet)
+  // For j = j0 .. up to the end of j0's block: the first product of j is a + row[j - j0].
+  const uint32_t* row(uint32_t j0, uint32_t key, uint32_t* a) {
+    constexpr uint32_t kLow = static_cast<uint32_t>(kSrBlock) - 1;
+    const uint32_t kc = key ^ ((j0 ^ key) >> 16);
+    if ((kc & kLow) != t_of) {
+      t_of = kc & kLow;
+      for (uint32_t i = 0; i <= kLow; ++i) t[i] = (i ^ t_of) * 0x85ebca6bu;
+    }
+    *a = ((j0 ^ kc) & ~kLow) * 0x85ebca6bu;
+    return t + (j0 & kLow);
+  }
+  // The rest of the hash from the first product h.
+  static inline uint32_t hi16(uint32_t h, uint32_t key) {
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    h += key;
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    return h * 0xc2b2ae35u;
+  }
+};
 
 // ---------------------------------------------------------------- per-segment kernels
 // The arithmetic below mirrors adamx.adam's reference step (adamx/_step.py) op by op,
@@ -305,9 +322,10 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
     // bf16 stochastic rounding in blocks of j aligned to kSrBlock: a first loop runs the moments
     // and keeps x = p + u1 and the range of |x| of the block, a second one rounds and writes the
     // params. Where every x of the block is 0 or in the range where stochastic_round_bf16_fast is
-    // exact (almost always), the second loop takes it, with hash_hi16; otherwise the loop below's
+    // exact (almost always), the second loop takes it, with SrHash; otherwise the loop below's
     // stochastic_round. The same bits either way; each loop vectorizes.
     alignas(64) float xs[kSrBlock], ps[kSrBlock];  // x and the param, as float32
+    SrHash hash;
     for (int64_t b0 = b; b0 < e;) {
       const int64_t e0 = std::min(e, (b0 / kSrBlock + 1) * kSrBlock);
       const uint32_t n = static_cast<uint32_t>(e0 - b0);
@@ -324,10 +342,11 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
       }
       const uint32_t j0 = static_cast<uint32_t>(b0);  // the hash counter is j mod 2**32
       if (below >= kSrFastMin - 1u && above <= kSrFastMax) {
-        const uint32_t kc = key ^ ((j0 ^ key) >> 16);  // the block lies in one run of 2**16
+        uint32_t a;
+        const uint32_t* row = hash.row(j0, key, &a);
         for (uint32_t i = 0; i < n; ++i) {
           // x, sr and pf are finite (pf = x - u1): sr - pf and pf + u may overflow, not be NaN
-          const float sr = stochastic_round_bf16_fast(xs[i], hash_hi16(j0 + i, key, kc));
+          const float sr = stochastic_round_bf16_fast(xs[i], SrHash::hi16(a + row[i], key));
           finish(b0 + i, ps[i], sel(real, round_bf16_not_nan(sr - ps[i]), 0.0f), std::true_type{});
         }
       } else {

@@ -104,13 +104,21 @@ uint64_t sr_round_not_nan_diff(uint32_t x0, uint64_t count, uint32_t* bad) {
   return d.report(bad);
 }
 
-// How many j in j0 .. j0 + count - 1 (wrapping) hash_hi16 (with kc = key ^ ((j ^ key) >> 16))
-// gives other top 16 bits than mix32(mix32(j ^ key) + key); *bad: the first.
+// How many j in j0 .. j0 + count - 1 (wrapping) SrHash, run over them in the kernel's blocks (from
+// j0, which need not start one), gives other top 16 bits than mix32(mix32(j ^ key) + key); *bad:
+// the first.
 uint64_t sr_hash_diff(uint32_t key, uint32_t j0, uint64_t count, uint32_t* bad) {
+  SrHash hash;
   Diff d;
-  for (uint64_t i = 0; i < count; ++i) {
-    const uint32_t j = j0 + static_cast<uint32_t>(i);
-    d.add(hash_hi16(j, key, key ^ ((j ^ key) >> 16)) >> 16 != mix32(mix32(j ^ key) + key) >> 16, j);
+  uint32_t got[kSrBlock];
+  for (uint64_t done = 0; done < count;) {
+    const uint32_t b0 = j0 + static_cast<uint32_t>(done);
+    const uint32_t m = static_cast<uint32_t>(std::min<uint64_t>(kSrBlock - b0 % kSrBlock, count - done));
+    uint32_t a;
+    const uint32_t* row = hash.row(b0, key, &a);
+    for (uint32_t i = 0; i < m; ++i) got[i] = SrHash::hi16(a + row[i], key) >> 16;
+    for (uint32_t i = 0; i < m; ++i) d.add(got[i] != mix32(mix32((b0 + i) ^ key) + key) >> 16, b0 + i);
+    done += m;
   }
   return d.report(bad);
 }
