@@ -181,7 +181,7 @@ template <typename P> static inline float stochastic_round(float x, uint32_t h) 
 
 // stochastic_round<bf16_t> as an integer add, exact where x is +-0 or kSrFastMin <= bits(|x|) <=
 // kSrFastMax (2**-103 <= |x| <= the largest bf16; tests/test_stochastic_kernel.py checks every
-// such x). There, with D the low 16 bits of x and H = h >> 16: where x is inexact, lo and hi are
+// such x with three hashes, and edge x with every hash). There, with D the low 16 bits of x and H = h >> 16: where x is inexact, lo and hi are
 // x's bf16 neighbours and x - lo = F * 2**(E - 150) (E: x's biased exponent; F = D for x > 0,
 // 65536 - D for x < 0) is at least 2**-126, a normal float32, so the compare r * (hi - lo) <
 // x - lo, r = (h >> 8) * 2**-24 and hi - lo = 2**(E - 134), is exactly (h >> 8) < 256 * F, i.e.
@@ -322,8 +322,8 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
     // bf16 stochastic rounding in blocks of j aligned to kSrBlock: a first loop runs the moments
     // and keeps x = p + u1 and the range of |x| of the block, a second one rounds and writes the
     // params. Where every x of the block is 0 or in the range where stochastic_round_bf16_fast is
-    // exact (almost always), the second loop takes it, with SrHash; otherwise the loop below's
-    // stochastic_round. The same bits either way; each loop vectorizes.
+    // exact (almost always), the second loop takes it, with SrHash; otherwise stochastic_round and
+    // mix32, as the loop for the other cases does. The same bits either way; each loop vectorizes.
     alignas(64) float xs[kSrBlock], ps[kSrBlock];  // x and the param, as float32
     SrHash hash;
     for (int64_t b0 = b; b0 < e;) {
@@ -345,7 +345,7 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
         uint32_t a;
         const uint32_t* row = hash.row(j0, key, &a);
         for (uint32_t i = 0; i < n; ++i) {
-          // x, sr and pf are finite (pf = x - u1): sr - pf and pf + u may overflow, not be NaN
+          // x is finite, so are pf, u1 and sr: sr - pf and pf + u may overflow, not be NaN
           const float sr = stochastic_round_bf16_fast(xs[i], SrHash::hi16(a + row[i], key));
           finish(b0 + i, ps[i], sel(real, round_bf16_not_nan(sr - ps[i]), 0.0f), std::true_type{});
         }
