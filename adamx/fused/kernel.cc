@@ -179,6 +179,62 @@ template <typename P> static inline float stochastic_round(float x, uint32_t h) 
   return sel<float>(inexact, sel<float>(up, hi, lo), q);
 }
 
+// stochastic_round<bf16_t> as an integer add, exact where x is +-0 or kSrFastMin <= bits(|x|) <=
+// kSrFastMax (2**-103 <= |x| <= the largest bf16; tests/test_stochastic_kernel.py checks every
+// such x with three hashes, and edge x with every hash). There, with D the low 16 bits of x and H = h >> 16: where x is inexact, lo and hi are
+// x's bf16 neighbours and x - lo = F * 2**(E - 150) (E: x's biased exponent; F = D for x > 0,
+// 65536 - D for x < 0) is at least 2**-126, a normal float32, so the compare r * (hi - lo) <
+// x - lo, r = (h >> 8) * 2**-24 and hi - lo = 2**(E - 134), is exactly (h >> 8) < 256 * F, i.e.
+// H < F, whether or not r * (hi - lo) flushes to zero. x > 0: up means one step added to the
+// truncated bits, and x + (0xffff - H) carries out of the low 16 bits iff D > H; x < 0: down
+// (away from zero) iff x + H carries, iff D + H >= 65536, iff H >= F. Exact x (D == 0): no carry.
+// Outside the range it is wrong: under 2**-103 x - lo may flush (then never up), and past the
+// largest bf16 the general form gives inf or its largest value.
+constexpr uint32_t kSrFastMin = 0x0c000000u, kSrFastMax = 0x7f7f0000u;
+// round_to<bf16_t>(f) where f is not NaN (Cvt<bf16_t>::store's rounding; +-inf stay).
+static inline float round_bf16_not_nan(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  return __builtin_bit_cast(float, (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+}
+static inline float stochastic_round_bf16_fast(float x, uint32_t h) {
+  const uint32_t xb = __builtin_bit_cast(uint32_t, x);
+  const uint32_t neg = static_cast<uint32_t>(static_cast<int32_t>(xb) >> 31);
+  return __builtin_bit_cast(float, (xb + ((h ^ neg ^ 0xffff0000u) >> 16)) & 0xffff0000u);
+}
+constexpr int64_t kSrBlock = 512;  // the kernel's blocks of j (aligned): each lies in one run of 2**16
+static_assert(65536 % kSrBlock == 0, "SrHash needs each block inside a run of 2**16");
+// The top 16 bits of mix32(mix32(j ^ key) + key) (the rest is not defined) for the j of one block:
+// j ^ key has the same top 16 bits c there, so mix32's first xor-shift gives j ^ kc, kc = key ^ c,
+// and with J = j & -kSrBlock and i = j % kSrBlock, j ^ kc is (J ^ kc & -kSrBlock) + (i ^ kc %
+// kSrBlock) (disjoint bits): its product with 0x85ebca6b is a + t[i], t a table kept while kc %
+// kSrBlock stays (a segment). The last xor-shift of mix32 changes the low 16 bits only.
+struct SrHash {
+  alignas(64) uint32_t t[kSrBlock];
+  uint32_t t_of = ~0u;  // the kc % kSrBlock of t (none yet)
+  // For j = j0 .. up to the end of j0's block: the first product of j is a + row[j - j0].
+  const uint32_t* row(uint32_t j0, uint32_t key, uint32_t* a) {
+    constexpr uint32_t kLow = static_cast<uint32_t>(kSrBlock) - 1;
+    const uint32_t kc = key ^ ((j0 ^ key) >> 16);
+    if ((kc & kLow) != t_of) {
+      t_of = kc & kLow;
+      for (uint32_t i = 0; i <= kLow; ++i) t[i] = (i ^ t_of) * 0x85ebca6bu;
+    }
+    *a = ((j0 ^ kc) & ~kLow) * 0x85ebca6bu;
+    return t + (j0 & kLow);
+  }
+  // The rest of the hash from the first product h.
+  static inline uint32_t hi16(uint32_t h, uint32_t key) {
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    h += key;
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    return h * 0xc2b2ae35u;
+  }
+};
+
 // ---------------------------------------------------------------- per-segment kernels
 // The arithmetic below mirrors adamx.adam's reference step (adamx/_step.py) op by op,
 // in float32; every feature switch is a select on values computed unconditionally, so
@@ -205,10 +261,8 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
   // XLA rewrites x / scalar as x * (1 / scalar); so does the kernel.
   const float inv_lsf = 1.0f / lsf, inv_k = 1.0f / kf, inv_denom = 1.0f / clip_denom;
   const float wd_lr = wd * lr;
-  // The hash counter: j mod 2**32 in its own 32-bit induction variable (a truncated 64-bit
-  // one costs the vectorized loop a widen and a permute per vector).
-  uint32_t j32 = static_cast<uint32_t>(b);
-  for (int64_t j = b; j < e; ++j, ++j32) {
+  // The moments and the update u1 of element j (m, v, v_max, acc written); pf: the param.
+  auto front = [&](int64_t j, float& pf_out) __attribute__((always_inline)) -> float {
     // The gradient the moments see is g = ga * gb (gb = 1 when its last op is not a
     // product). XLA computes the new mu in its own loop where g has one use, and
     // contracts g - mu into fma(ga, gb, -mu); the kernel does the same.
@@ -244,27 +298,87 @@ static void step_segment(P* __restrict p, const G* __restrict g, M* __restrict m
     const float pf = ld(p[j]);
     const float u0 = -d;
     // u - (p * wd) * lr; XLA folds the constant wd * lr first, then contracts.
-    const float u1 = sel(dec, fmadd(-pf, wd_lr, u0), u0);
-    float u = sel(real, round_to<P>(u1), 0.0f);  // updates are in the param dtype
-    // p_want = round(p + u1 + comp) (kahan) or stochastic_round(p + u1); the update is
-    // round(p_want - p) and p + update the new param (adamx/_rounding.py).
-    if constexpr (RND == 1) {
-      const float y = u1 + ld(comp[j]);
-      const float ur = round_to<P>(round_to<P>(pf + y) - pf);
-      const float pn = round_to<P>(pf + ur);
-      comp[j] = sel(real_p, st<P>(y - (pn - pf)), comp[j]);
-      u = sel(real, ur, 0.0f);
-    } else if constexpr (RND == 2) {
-      const uint32_t h = mix32(mix32(j32 ^ key) + key);
-      u = sel(real, round_to<P>(stochastic_round<P>(pf + u1, h) - pf), 0.0f);
-    }
+    pf_out = pf;
+    return sel(dec, fmadd(-pf, wd_lr, u0), u0);
+  };
+  // The update u (in the param dtype) received: EMA, and p + u written back.
+  // not_nan (std::true_type): pf + u is not NaN, so its rounding may skip the NaN case (not with
+  // EMA: then the average decides).
+  auto finish = [&](int64_t j, float pf, float u, auto not_nan) __attribute__((always_inline)) {
     if constexpr (EMA) {
       const float p_new = round_to<P>(pf + u);
       const float a_new = fmadd(mom, ema[j], one_m * p_new);   // mom * avg + (1 - mom) * p
       ema[j] = a_new;
       u = sel(overwrite, round_to<P>(a_new - pf), u);
     }
-    p[j] = st<P>(pf + u);  // optax.apply_updates, in the param dtype
+    if constexpr (decltype(not_nan)::value && !EMA) {
+      p[j] = static_cast<P>(__builtin_bit_cast(uint32_t, round_bf16_not_nan(pf + u)) >> 16);
+    } else {
+      p[j] = st<P>(pf + u);  // optax.apply_updates, in the param dtype
+    }
+  };
+  using Maybe = std::false_type;
+  if constexpr (RND == 2 && std::is_same<P, bf16_t>::value) {
+    // bf16 stochastic rounding in blocks of j aligned to kSrBlock: a first loop runs the moments
+    // and keeps x = p + u1 and the range of |x| of the block, a second one rounds and writes the
+    // params. Where every x of the block is 0 or in the range where stochastic_round_bf16_fast is
+    // exact (almost always), the second loop takes it, with SrHash; otherwise stochastic_round and
+    // mix32, as the loop for the other cases does. The same bits either way; each loop vectorizes.
+    alignas(64) float xs[kSrBlock], ps[kSrBlock];  // x and the param, as float32
+    SrHash hash;
+    for (int64_t b0 = b; b0 < e;) {
+      const int64_t e0 = std::min(e, (b0 / kSrBlock + 1) * kSrBlock);
+      const uint32_t n = static_cast<uint32_t>(e0 - b0);
+      uint32_t below = ~0u, above = 0;  // min of bits(|x|) - 1 (0 wraps to the top), max of bits(|x|)
+      for (int64_t j = b0; j < e0; ++j) {
+        float pf;
+        const float u1 = front(j, pf);
+        const float x = pf + u1;
+        xs[j - b0] = x;
+        ps[j - b0] = pf;
+        const uint32_t ax = __builtin_bit_cast(uint32_t, x) & 0x7fffffffu;
+        below = std::min(below, ax - 1u);
+        above = std::max(above, ax);
+      }
+      const uint32_t j0 = static_cast<uint32_t>(b0);  // the hash counter is j mod 2**32
+      if (below >= kSrFastMin - 1u && above <= kSrFastMax) {
+        uint32_t a;
+        const uint32_t* row = hash.row(j0, key, &a);
+        for (uint32_t i = 0; i < n; ++i) {
+          // x is finite, so are pf, u1 and sr: sr - pf and pf + u may overflow, not be NaN
+          const float sr = stochastic_round_bf16_fast(xs[i], SrHash::hi16(a + row[i], key));
+          finish(b0 + i, ps[i], sel(real, round_bf16_not_nan(sr - ps[i]), 0.0f), std::true_type{});
+        }
+      } else {
+        for (uint32_t i = 0; i < n; ++i) {
+          const float sr = stochastic_round<P>(xs[i], mix32(mix32((j0 + i) ^ key) + key));
+          finish(b0 + i, ps[i], sel(real, round_to<P>(sr - ps[i]), 0.0f), Maybe{});
+        }
+      }
+      b0 = e0;
+    }
+  } else {
+    // The hash counter: j mod 2**32 in its own 32-bit induction variable (a truncated 64-bit
+    // one costs the vectorized loop a widen and a permute per vector).
+    uint32_t j32 = static_cast<uint32_t>(b);
+    for (int64_t j = b; j < e; ++j, ++j32) {
+      float pf;
+      const float u1 = front(j, pf);
+      float u = sel(real, round_to<P>(u1), 0.0f);  // updates are in the param dtype
+      // p_want = round(p + u1 + comp) (kahan) or stochastic_round(p + u1); the update is
+      // round(p_want - p) and p + update the new param (adamx/_rounding.py).
+      if constexpr (RND == 1) {
+        const float y = u1 + ld(comp[j]);
+        const float ur = round_to<P>(round_to<P>(pf + y) - pf);
+        const float pn = round_to<P>(pf + ur);
+        comp[j] = sel(real_p, st<P>(y - (pn - pf)), comp[j]);
+        u = sel(real, ur, 0.0f);
+      } else if constexpr (RND == 2) {
+        const uint32_t h = mix32(mix32(j32 ^ key) + key);
+        u = sel(real, round_to<P>(stochastic_round<P>(pf + u1, h) - pf), 0.0f);
+      }
+      finish(j, pf, u, Maybe{});
+    }
   }
 }
 

@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import pytest
 
@@ -25,8 +26,9 @@ INCLUDE_DIR = os.path.dirname(adamx.__file__)  # where _quant8.h lies
 BUILDS = {"portable": ["-O2"], "native": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"]}
 
 
-def compile_library(name: str, build: str, out_dir: pathlib.Path) -> ctypes.CDLL:
-    """Compile ``tests/cpp/<name>.cc`` in build ``build`` (a key of :data:`BUILDS`) and load it.
+def compile_library(name: str, build: str, out_dir: pathlib.Path, include: Sequence[pathlib.Path] = ()) -> ctypes.CDLL:
+    """Compile ``tests/cpp/<name>.cc`` in build ``build`` (a key of :data:`BUILDS`) and load it;
+    ``include``: more include directories, searched first.
 
     Fails the test (never skips) without g++ or when the compiler reports an error or a warning.
     """
@@ -35,7 +37,7 @@ def compile_library(name: str, build: str, out_dir: pathlib.Path) -> ctypes.CDLL
         pytest.fail("g++ not found: the C++ headers under adamx/ must be compiled and checked (install g++)")
     lib = out_dir / f"lib{name}_{build}.so"
     cmd = [cxx, *BUILDS[build], "-Wall", "-Wextra", "-Werror", "-std=c++17", "-shared", "-fPIC",
-           "-I", INCLUDE_DIR, str(HERE / f"{name}.cc"), "-o", str(lib)]  # fmt: skip
+           *(f"-I{d}" for d in include), "-I", INCLUDE_DIR, str(HERE / f"{name}.cc"), "-o", str(lib)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
     return ctypes.CDLL(str(lib))
