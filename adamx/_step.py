@@ -339,7 +339,16 @@ def _coded_moments_batched(args: Sequence[jax.Array], dims: Sequence[Any], **par
 coded_moments_p = jax.extend.core.Primitive("adamx_coded_moments")
 coded_moments_p.multiple_results = True
 coded_moments_p.def_impl(lambda *args, **params: jax.jit(lambda *a: coded_moments_xla(*a, **params))(*args))
-coded_moments_p.def_abstract_eval(lambda *args, codecs, ams: list(args[len(Scalars._fields) :]))
+
+
+def _coded_moments_abstract(*args: Any, codecs: tuple[MomentCodec, ...], ams: bool) -> list[Any]:
+    """The direction is shaped like ``g`` (float32), the new state like the old; inside ``shard_map``
+    every output varies over the manual axes any input varies over (as XLA's schedule's would)."""
+    vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in args))
+    return [a.update(vma=vma) if hasattr(a, "vma") else a for a in args[len(Scalars._fields) :]]
+
+
+coded_moments_p.def_abstract_eval(_coded_moments_abstract)
 mlir.register_lowering(coded_moments_p, mlir.lower_fun(coded_moments_xla, multiple_results=True))
 batching.primitive_batchers[coded_moments_p] = _coded_moments_batched
 
