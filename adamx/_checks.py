@@ -216,6 +216,12 @@ def _layout(x: Leaf) -> list[tuple[tuple[int, ...], str]]:
     return [(tuple(int(d) for d in jnp.shape(a)), jnp.dtype(a.dtype).name) for a in (x.codes, x.scales)]
 
 
+def has_layout(x: Leaf, codec: _codecs.MomentCodec, shape: tuple[int, ...]) -> bool:
+    """Whether the coded moment ``x`` has the codes and scales ``codec`` keeps for a leaf of ``shape``
+    (today's layout: not the first 8-bit layout, which only the XLA step converts)."""
+    return _layout(x) == _layout(codec.state_shapes(shape))
+
+
 def _format_of(spec: AdamSpec, field: StateField, shape: tuple[int, ...], got: list[Leaf]) -> str:
     """`` (it looks like moment_format='fp8')`` when another registered format has the layout ``got``."""
     for fmt in _codecs.FORMATS:

@@ -302,11 +302,8 @@ def _kernel_takes(g: Leaf, moms: tuple[Leaf, Leaf, Leaf], codecs: Sequence[Momen
     d8: list[Dynamic8] = cs  # type: ignore[assignment]
     if not d8[0].signed or any(c.signed for c in d8[1:]) or len({c.block_size for c in d8}) != 1:
         return False
-    want = d8[0].state_shapes(tuple(jnp.shape(g)))
-    for x in qs:
-        for a, w in zip(x, want):
-            if tuple(a.shape) != tuple(w.shape) or jnp.dtype(a.dtype) != jnp.dtype(w.dtype):
-                return False  # e.g. the first (1-D) layout: XLA's path converts it
+    if not all(_checks.has_layout(x, d8[0], tuple(jnp.shape(g))) for x in qs):
+        return False  # e.g. the first (1-D) layout: XLA's path converts it
     return not any(_tree.is_sharded(a) for a in (g, *(a for x in qs for a in x)))
 
 
@@ -317,17 +314,7 @@ def coded_moments_xla(*args: jax.Array, codecs: tuple[MomentCodec, ...], ams: bo
     sc, g, ops = Scalars(*args[:n_sc]), args[n_sc], args[n_sc + 1 :]
     moms = [_quantize.QuantizedArray(ops[2 * j], ops[2 * j + 1]) for j in range(len(ops) // 2)]
     full = (*codecs, *codecs[1:2]) if not ams else codecs
-
-    def sched(name: str) -> Callable[[], tuple[Leaf, Leaf, Leaf, Leaf]]:
-        return lambda: moments_coded(sc, g, moms[0], moms[1], moms[2] if ams else None, full, schedule=name)
-
-    d, m2, v2, x2 = jax.lax.platform_dependent(
-        cpu=sched("one_pass"),
-        cuda=sched("two_passes"),
-        rocm=sched("two_passes"),
-        tpu=sched("lanes"),
-        default=sched("plain"),
-    )
+    d, m2, v2, x2 = moments_coded(sc, g, moms[0], moms[1], moms[2] if ams else None, full, kernel=False)
     return [d, *m2, *v2, *(x2 if ams else ())]
 
 

@@ -204,18 +204,6 @@ OPTION_SETS: dict[str, OptionSet] = {
         ),
     ]
 }
-QUICK_OPTION_SETS = (
-    "float32",
-    "8-bit moments",
-    "8-bit moments, bf16",
-    "8-bit, apply_gradients",
-    "8-bit, bf16, apply_gradients",
-    "fp8 moments",
-    "fp8, apply_gradients",
-    "4bit moments",
-    "kahan, bf16",
-    "stochastic, bf16",
-)
 CODED = (  # the 0.75x goal's rows
     "8-bit moments",
     "8-bit moments, bf16",
@@ -225,6 +213,7 @@ CODED = (  # the 0.75x goal's rows
     "fp8, apply_gradients",
     "4bit moments",
 )
+QUICK_OPTION_SETS = ("float32", *CODED, "kahan, bf16", "stochastic, bf16")
 
 # ------------------------------------------------------------------ shapes
 

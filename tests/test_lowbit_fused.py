@@ -26,6 +26,7 @@ import adamx
 from adamx import _lowbit
 from adamx import _quantize as Q
 from adamx import fused as _fused
+from tests.bitwise import bits
 from tests.cpp import BUILDS, compile_library
 from tests.test_performance_paths import OPTIONS, fused_step, ref_step
 
@@ -78,14 +79,6 @@ def run(step, opt, n_steps: int, start=None, first: int = 0):
     for i in range(first, n_steps):
         params, state = step(make_grads(params, i), state, params)
     return params, state
-
-
-def bits(x) -> np.ndarray:
-    """Bit patterns (equal bits: bit-for-bit equal, NaN included); fp8 codes as their bytes."""
-    x = np.ascontiguousarray(x)
-    if x.dtype == jnp.float8_e4m3fn:
-        return x.view(np.uint8)
-    return x.view(np.uint32) if x.dtype == np.float32 else x.view(np.uint16) if x.dtype.itemsize == 2 else x
 
 
 def is_nan(x) -> np.ndarray:

@@ -23,6 +23,7 @@ import pytest
 import adamx
 from adamx import _codecs, _lowbit, _step
 from adamx import _quantize as Q
+from tests.bitwise import bits
 from tests.conftest import REFERENCE_DIR
 from tests.test_lowbit_fused import assert_close
 
@@ -42,14 +43,6 @@ def _params():
 
 def _grads(params, i):
     return jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(100 + i), p.shape) * 0.1, params)
-
-
-def _bits(x):
-    """Bit patterns of a float array (equal bits: bit-for-bit equal, NaN included); other dtypes as they are."""
-    x = np.ascontiguousarray(x)
-    if x.dtype == jnp.float8_e4m3fn:
-        return x.view(np.uint8)
-    return x.view(np.uint32) if x.dtype == np.float32 else x.view(np.uint16) if x.dtype.itemsize == 2 else x
 
 
 # ---------------------------------------------------------------------- (a) the default is unchanged
@@ -74,7 +67,7 @@ def test_default_format_state_and_codes_are_todays():
     v = Q.quantize((g["w"] * g["w"]) * sc.c2, Q.UNSIGNED_DYNAMIC_MAP, 256)
     for got, want in ((new.mu["w"], m), (new.nu["w"], v)):
         assert np.array_equal(got.codes, want.codes)
-        assert np.array_equal(_bits(got.scales), _bits(want.scales))
+        assert np.array_equal(bits(got.scales), bits(want.scales))
 
 
 # ---------------------------------------------------------------------- (b) torchao's trajectory
@@ -125,14 +118,14 @@ def test_lowbit_replays_torchao(ref, run, fmt):
         for i, (f, tag) in enumerate((("mu", "m"), ("nu", "v"))):
             got = getattr(s, f)["w"]
             want_codes = ref[f"{run}/{tag}_codes/w"][t]
-            assert np.array_equal(_bits(got.codes), want_codes), (t, f)
+            assert np.array_equal(bits(got.codes), want_codes), (t, f)
             np.testing.assert_allclose(got.scales, ref[f"{run}/{tag}_scales/w"][t], rtol=1e-6)
             own = c[i].encode(getattr(fs, f)["w"])
-            assert np.array_equal(_bits(got.codes), _bits(own.codes)), (t, f)
-            assert np.array_equal(_bits(got.scales), _bits(own.scales)), (t, f)
+            assert np.array_equal(bits(got.codes), bits(own.codes)), (t, f)
+            assert np.array_equal(bits(got.scales), bits(own.scales)), (t, f)
             if t == 0:
-                assert np.array_equal(_bits(got.scales), _bits(ref[f"{run}/{tag}_scales/w"][t]))
-                assert np.array_equal(_bits(getattr(s, f)["b"]), _bits(ref[f"{run}/{tag}_values/b"][t]))
+                assert np.array_equal(bits(got.scales), bits(ref[f"{run}/{tag}_scales/w"][t]))
+                assert np.array_equal(bits(getattr(s, f)["b"]), bits(ref[f"{run}/{tag}_values/b"][t]))
 
 
 # ---------------------------------------------------------------------- (c) every combination
@@ -178,7 +171,7 @@ def test_combinations_run_and_apply_gradients_equals_update(fmt, combo):
         assert_close((p2, s2), (p1, s1), fmt, 0.01)
     else:
         for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
-            assert np.array_equal(_bits(a), _bits(b))
+            assert np.array_equal(bits(a), bits(b))
     assert isinstance(s1.mu["w"], Q.QuantizedArray)
     if "amsgrad" in combo:
         assert isinstance(s1.nu_max["w"], Q.QuantizedArray)
@@ -253,7 +246,7 @@ def test_orbax_resume_is_bit_exact(tmp_path, fmt):
     for i in range(2, 4):
         a, b = step(*a, i), step(*b, i)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.array_equal(_bits(x), _bits(y))
+        assert np.array_equal(bits(x), bits(y))
 
 
 @pytest.mark.skipif(
@@ -273,7 +266,7 @@ def test_sharded_jit_step(fmt):
         assert len(state.mu["w"].codes.sharding.device_set) == 4
         u, s = jax.jit(opt.update)(g, state, params)
     for x, y in zip(jax.tree.leaves((u, s)), jax.tree.leaves((u_ref, s_ref))):
-        assert np.array_equal(_bits(x), _bits(y))
+        assert np.array_equal(bits(x), bits(y))
 
 
 # ---------------------------------------------------------------------- (f) bytes per parameter

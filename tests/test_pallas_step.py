@@ -17,6 +17,7 @@ import pytest
 import adamx
 from adamx import _step
 from adamx.fused import _pallas
+from tests.bitwise import bits
 
 SHAPES = [(64, 1024), (40, 256), (3, 8, 512), (4096 * 3,), (37, 768), (100, 4096)]
 
@@ -44,15 +45,6 @@ def _scal(opt, s, lsf=1.0):
     return jnp.stack([sc.c1, sc.c2, sc.alpha, sc.eps, sc.lr, sc.wd, jnp.float32(lsf), jnp.float32(448)])
 
 
-def _bits(x):
-    x = np.asarray(x)
-    if x.dtype == jnp.bfloat16:
-        return x.view(np.uint16)
-    if x.dtype == np.float32:
-        return x.view(np.uint32)
-    return x.view(np.uint8) if x.dtype.itemsize == 1 else x
-
-
 @pytest.mark.parametrize("fmt", _pallas.FORMATS)
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -69,7 +61,7 @@ def test_kernel_equals_xla_step(platform, shape, dtype, fmt):
     want = jax.jit(lambda *a: _pallas._reference_leaf(*a, **kw))(*args)
     for name, a, b in zip(["param", "mu codes", "mu scales", "nu codes", "nu scales"], got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=name)
+        np.testing.assert_array_equal(bits(a), bits(b), err_msg=name)
 
 
 @pytest.mark.parametrize("fmt", _pallas.FORMATS)
@@ -84,8 +76,8 @@ def test_kernel_decay_within_one_ulp(platform, fmt):
     got = _pallas._kernel_leaf(platform, *args, interpret=True, **kw)
     want = jax.jit(lambda *a: _pallas._reference_leaf(*a, **kw))(*args)
     for a, b in zip(got[1:], want[1:]):
-        np.testing.assert_array_equal(_bits(a), _bits(b))
-    ulps = np.abs(_bits(got[0]).astype(np.int64) - _bits(want[0]).astype(np.int64))
+        np.testing.assert_array_equal(bits(a), bits(b))
+    ulps = np.abs(bits(got[0]).astype(np.int64) - bits(want[0]).astype(np.int64))
     assert ulps.max() <= 1
     assert not np.array_equal(np.asarray(got[0]), np.asarray(p["w"]))  # the step moved the params
 
@@ -103,7 +95,7 @@ def test_kernel_non_finite_gradient(fmt):
     block = 3 * 2 + 1  # row 3, second block of 256
     assert np.isnan(np.asarray(got[2]).ravel()[block]) and np.isnan(np.asarray(got[4]).ravel()[block])
     for a, b in zip(got, want):
-        np.testing.assert_array_equal(_bits(a), _bits(b))
+        np.testing.assert_array_equal(bits(a), bits(b))
 
 
 def _tree():
@@ -156,7 +148,7 @@ def test_step_equals_update(platform, kw, fmt):
         p_ref, s_ref = ref(p_ref, s_ref, g)
         p_acc, s_acc = acc(p_acc, s_acc, g)
     for a, b in zip(jax.tree.leaves((p_ref, s_ref)), jax.tree.leaves((p_acc, s_acc))):
-        np.testing.assert_array_equal(_bits(a), _bits(b))
+        np.testing.assert_array_equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import pytest
 import adamx
 from adamx import _quantize
 from adamx.fused import _build
+from tests.bitwise import bits
 
 TARGET = _build.MOMENTS_Q8_TARGET
 
@@ -51,16 +52,11 @@ def _run(opt, params, steps=4):
     return p, s, f.lower(p, s, _grads(params, 0)).compile().as_text()
 
 
-def _bits(x):
-    x = np.asarray(x)
-    return x.view(f"u{x.dtype.itemsize}") if x.dtype.kind == "f" or x.dtype == jnp.bfloat16 else x
-
-
 def _assert_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
-        np.testing.assert_array_equal(_bits(x), _bits(y))
+        np.testing.assert_array_equal(bits(x), bits(y))
 
 
 OPTIONS = {

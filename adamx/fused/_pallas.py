@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 from jax.interpreters import mlir
 
-from adamx import _codecs, _decay, _lowbit, _quantize, _step, _tree
+from adamx import _checks, _codecs, _decay, _lowbit, _quantize, _step, _tree
 from adamx._codecs import Dynamic8, MomentCodec
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, next_state
@@ -106,7 +106,7 @@ def _split(arrays: tuple[Leaf, ...], shape: tuple[int, ...], block_size: int) ->
     """``None`` for arrays on one device (or inside ``shard_map``), a :class:`Split` for arrays split
     alike on an Explicit mesh in whole blocks (params, grads, codes by one spec; the scales by the
     same spec, their last axis counted in blocks), ``False`` otherwise (the XLA step)."""
-    if not any(_plan.is_sharded(x) for x in arrays):
+    if not any(_tree.is_sharded(x) for x in arrays):
         return None
     if isinstance(arrays[0], jax.core.Tracer):
         shardings = [jax.typeof(x).sharding for x in arrays]
@@ -138,11 +138,8 @@ def leaf_fits(p: Leaf, g: Leaf, m: Leaf, v: Leaf, codecs: tuple[MomentCodec, Mom
         return False
     if tuple(g.shape) != shape or jnp.dtype(g.dtype) not in (jnp.dtype(jnp.result_type(p)), jnp.dtype(jnp.float32)):
         return False
-    for q, c in zip((m, v), codecs):
-        want = c.state_shapes(shape)
-        for a, w in zip(q, want):
-            if tuple(a.shape) != tuple(w.shape) or jnp.dtype(a.dtype) != jnp.dtype(w.dtype):
-                return False
+    if not all(_checks.has_layout(q, c, shape) for q, c in zip((m, v), codecs)):
+        return False
     split = _split((p, g, m.codes, m.scales, v.codes, v.scales), shape, block_size)
     # fp8's scales are 1-D: no spec of the param's applies to them, so a split leaf takes the XLA step
     return split is None or (split is not False and isinstance(codecs[0], Dynamic8))
