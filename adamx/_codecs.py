@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -119,8 +119,19 @@ class _Blockwise:
         raise NotImplementedError
 
     def zeros(self, leaf: Leaf) -> QuantizedArray:
+        """Zero codes and scales; for an array ``leaf``, those of its shape split like it and the 1-D
+        ones split along its major axis where it is split there alone (:func:`adamx._quantize.major_split`:
+        as the step's encode returns them, so the state keeps one sharding from step to step)."""
         s = self.state_shapes(_shape(leaf))
-        return QuantizedArray(jnp.zeros(s.codes.shape, s.codes.dtype), jnp.zeros(s.scales.shape, s.scales.dtype))
+
+        def zeros(a: Any) -> jax.Array:  # a ShapeDtypeStruct
+            if isinstance(leaf, jax.Array) and tuple(a.shape) == tuple(leaf.shape):
+                return jnp.zeros_like(leaf, a.dtype)
+            if isinstance(leaf, jax.Array) and len(a.shape) == 1:
+                return jnp.zeros(a.shape, a.dtype, out_sharding=_quantize.major_split(leaf, a.shape[0]))
+            return jnp.zeros(a.shape, a.dtype)
+
+        return QuantizedArray(zeros(s.codes), zeros(s.scales))
 
     def nbytes(self, shape: Shape) -> int:
         s = self.state_shapes(tuple(shape))
@@ -188,15 +199,6 @@ class Fp8(_WholeBlocks):
     name: ClassVar[str] = "fp8"
     kernel: ClassVar[str | None] = "fp8"
 
-    def zeros(self, leaf: Leaf) -> QuantizedArray:
-        s = self.state_shapes(_shape(leaf))
-        codes = (
-            jnp.zeros_like(leaf, jnp.float8_e4m3fn)
-            if isinstance(leaf, jax.Array)
-            else jnp.zeros(s.codes.shape, s.codes.dtype)
-        )
-        return QuantizedArray(codes, jnp.zeros(s.scales.shape, jnp.float32))
-
     def encode(self, x: jax.Array) -> QuantizedArray:
         codes, scales = _lowbit.fp8_encode(x, self.block_size)
         return QuantizedArray(_quantize._like(codes, x), scales)  # split like the param on an Explicit mesh
@@ -226,14 +228,24 @@ class Nibble4(_WholeBlocks):
     name: ClassVar[str] = "4bit"
     kernel: ClassVar[str | None] = "4bit"
 
-    def encode(self, x: jax.Array) -> QuantizedArray:
+    def encode(self, x: jax.Array, scales: jax.Array | None = None, lanes: bool = False) -> QuantizedArray:
+        """``scales``: :meth:`scales_of` ``x`` from a pass of its own (the GPU's two-pass schedule,
+        ``adamx._step.moments_coded``): then the codes are elementwise and packed in the same
+        kernel. ``lanes`` (the TPU schedule's flag) changes nothing here."""
         enc = _lowbit.m4_encode if self.signed_m else _lowbit.v4_encode
-        codes, scales = enc(x, self.block_size)
-        return QuantizedArray(_lowbit.pack4(codes), scales)
+        codes, new = enc(x, self.block_size, scales)
+        return QuantizedArray(_lowbit.pack4(codes, fused=scales is not None), new)
 
-    def decode(self, state: QuantizedArray, shape: Shape) -> jax.Array:
+    def scales_of(self, x: jax.Array) -> jax.Array:
+        """The scales :meth:`encode` gives ``x`` (:func:`adamx._lowbit.q4_scales`)."""
+        return _lowbit.q4_scales(x, self.block_size)
+
+    def decode(self, state: QuantizedArray, shape: Shape, lookup: str | None = None) -> jax.Array:
+        """``lookup``: the GPU's two passes (``"table"``, ``"arithmetic"``) unpack elementwise
+        (:func:`adamx._lowbit.unpack4` ``fused``); the same codes either way."""
         dec = _lowbit.m4_decode if self.signed_m else _lowbit.v4_decode
-        return dec(_lowbit.unpack4(state.codes, shape), state.scales)
+        fused = lookup in ("table", "arithmetic")
+        return dec(_lowbit.unpack4(state.codes, shape, fused=fused), state.scales)
 
     def state_shapes(self, shape: Shape) -> QuantizedArray:
         n = math.prod(shape)

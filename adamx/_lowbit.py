@@ -257,9 +257,17 @@ def fp8_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     return _reshape(values, codes.shape)
 
 
-def _q4_encode(x: Leaf, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, jax.Array]:
+def q4_scales(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> jax.Array:
+    """The block scales :func:`m4_encode` / :func:`v4_encode` give ``x``: ``max(absmax, 1e-12)`` per
+    block, NaN where the block holds one (for a reduction pass of its own)."""
+    return _absmax(_blocks(x, block_size))
+
+
+def _q4_encode(
+    x: Leaf, qmap: np.ndarray, block_size: int, scales: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     blocks = _blocks(x, block_size)
-    scale = _absmax(blocks)
+    scale = _absmax(blocks) if scales is None else scales
     y = _scaled(blocks, scale)
     code = jnp.zeros(y.shape, jnp.uint8)
     for t in q4_thresholds(qmap):  # NaN compares false everywhere: code 0, as torchao's search gives
@@ -267,21 +275,22 @@ def _q4_encode(x: Leaf, qmap: np.ndarray, block_size: int) -> tuple[jax.Array, j
     return _reshape(code, jnp.shape(x)), scale
 
 
-def m4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+def m4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE, scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """First moment, torchao ``Adam4bit``: ``(codes uint8 0..15 in x's shape, scales float32[x.size // block_size])``.
 
     ``scale = max(absmax, 1e-12)``; ``code`` = the nearest :data:`M4_MAP` value to ``x / scale``, a tie going
-    up, exactly as torchao's float32 search (module docstring). Store with :func:`pack4`.
+    up, exactly as torchao's float32 search (module docstring). Store with :func:`pack4`. ``scales``:
+    the blocks' :func:`q4_scales`, when a pass of its own computed them (the codes are then elementwise).
     """
-    return _q4_encode(x, M4_MAP, block_size)
+    return _q4_encode(x, M4_MAP, block_size, scales)
 
 
-def v4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+def v4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE, scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Second moment: as :func:`m4_encode` with :data:`V4_MAP` (k/16, no zero: 0 stores as code 0 = 1/16).
 
     Meant for ``x >= 0``; a negative element encodes as code 0, as in torchao.
     """
-    return _q4_encode(x, V4_MAP, block_size)
+    return _q4_encode(x, V4_MAP, block_size, scales)
 
 
 def m4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
@@ -305,8 +314,11 @@ def v4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     return _reshape(_reshape(q, (scales.size, bs)) * scales[:, None], codes.shape)
 
 
-def pack4(codes: Leaf) -> jax.Array:
+def pack4(codes: Leaf, fused: bool = False) -> jax.Array:
     """Two 4-bit codes per byte, torchao's order: ``byte[k] = code[2k] << 4 | code[2k+1]`` (row-major, flat).
+
+    ``fused``: the same bytes as a sum over each pair (``16 * code[2k] + code[2k+1]``), which XLA:GPU
+    fuses with the encode that produces the codes (the two slices of the default form it does not).
 
     >>> pack4(jnp.array([1, 2, 15, 0], jnp.uint8)).tolist()
     [18, 240]
@@ -315,15 +327,26 @@ def pack4(codes: Leaf) -> jax.Array:
     if c.dtype != jnp.uint8 or c.size % 2:
         raise ValueError(f"`codes` must be uint8 with an even number of elements, got {c.dtype}{list(c.shape)}")
     pairs = _reshape(c, (c.size // 2, 2))
+    if fused:
+        return jnp.sum(pairs * jnp.array([16, 1], jnp.uint8), axis=-1, dtype=jnp.uint8)
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
-def unpack4(packed: Leaf, shape: Leaf = None) -> jax.Array:
-    """Inverse of :func:`pack4`: ``uint8[2 * packed.size]`` codes, reshaped to ``shape`` if given."""
+def unpack4(packed: Leaf, shape: Leaf = None, fused: bool = False) -> jax.Array:
+    """Inverse of :func:`pack4`: ``uint8[2 * packed.size]`` codes, reshaped to ``shape`` if given.
+
+    ``fused``: each code from its byte, broadcast to the pair and shifted by the element's parity
+    (the same codes, elementwise, which XLA:GPU fuses into the consumer; the default stacks the two
+    nibbles, a concatenation it writes out)."""
     p = jnp.asarray(packed)
     if p.dtype != jnp.uint8:
         raise TypeError(f"`packed` must be uint8, got dtype {p.dtype}")
-    codes = _reshape(jnp.stack([p >> 4, p & 15], axis=-1), (2 * p.size,))
+    if fused:
+        pair = jnp.broadcast_to(_reshape(p, (p.size, 1)), (p.size, 2))
+        odd = jax.lax.broadcasted_iota(jnp.uint8, (p.size, 2), 1)
+        codes = _reshape((pair >> (jnp.uint8(4) - jnp.uint8(4) * odd)) & jnp.uint8(15), (2 * p.size,))
+    else:
+        codes = _reshape(jnp.stack([p >> 4, p & 15], axis=-1), (2 * p.size,))
     if shape is None:
         return codes
     shape = tuple(int(d) for d in shape)

@@ -411,6 +411,22 @@ def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(sh.mesh, spec))
 
 
+def major_split(x: Leaf, n: int) -> jax.sharding.NamedSharding | None:
+    """The sharding of a 1-D state array of ``n`` elements kept for leaf ``x`` (blocks in C order):
+    ``P(a)`` where ``x`` is split on an Explicit mesh along its first axis alone, by ``a``, into
+    ``k`` pieces with ``k`` dividing ``n`` (each device then holds the blocks of its own rows,
+    as :func:`_reshape` keeps them), else ``None`` (unsplit)."""
+    if not isinstance(x, jax.Array):
+        return None
+    sh = jax.typeof(x).sharding
+    if not _explicit(sh) or x.ndim == 0:
+        return None
+    spec = tuple(sh.spec) + (None,) * (x.ndim - len(tuple(sh.spec)))
+    if spec[0] is None or any(e is not None for e in spec[1:]) or n % _shards(sh.mesh, spec[0]):
+        return None
+    return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(spec[0]))
+
+
 def _shards(mesh: Any, entry: Any) -> int:
     """How many pieces a ``PartitionSpec`` entry (an axis name, a tuple of them, or ``None``) cuts into."""
     names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))

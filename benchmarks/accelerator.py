@@ -174,6 +174,7 @@ OPTION_SETS: dict[str, OptionSet] = {
         OptionSet("fp8 moments", {"quantize_moments": True, "moment_format": "fp8"}),
         OptionSet("fp8, apply_gradients", {"quantize_moments": True, "moment_format": "fp8"}, fused=True),
         OptionSet("4bit moments", {"quantize_moments": True, "moment_format": "4bit"}),
+        OptionSet("4bit, apply_gradients", {"quantize_moments": True, "moment_format": "4bit"}, fused=True),
         OptionSet("kahan, bf16", {"param_rounding": "kahan"}, jnp.bfloat16, jnp.bfloat16),
         OptionSet("stochastic, bf16", {"param_rounding": "stochastic"}, jnp.bfloat16, jnp.bfloat16),
         OptionSet("amsgrad", {"amsgrad": True}, peer_name="optax.amsgrad", peer=lambda: optax.amsgrad(1e-3)),
@@ -212,6 +213,7 @@ CODED = (  # the 0.75x goal's rows
     "fp8 moments",
     "fp8, apply_gradients",
     "4bit moments",
+    "4bit, apply_gradients",
 )
 QUICK_OPTION_SETS = ("float32", *CODED, "kahan, bf16", "stochastic, bf16")
 

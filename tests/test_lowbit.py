@@ -193,3 +193,32 @@ def test_errors_name_the_argument():
         L.fp8_decode(jnp.zeros(256, jnp.uint8), jnp.ones(1))
     with pytest.raises(ValueError, match="`fmt`"):
         L.state_nbytes("int4", 4096)
+
+
+def test_fused_pack_forms_give_the_same_bytes_and_codes():
+    """``pack4``/``unpack4`` ``fused=True`` (the GPU two-pass schedule's elementwise forms) equal the
+    default forms: every byte value unpacked, random codes packed, eagerly and under jit."""
+    every_byte = jnp.arange(256, dtype=jnp.uint8)
+    np.testing.assert_array_equal(L.unpack4(every_byte, fused=True), L.unpack4(every_byte))
+    assert L.unpack4(every_byte, fused=True)[2 * 0x3A : 2 * 0x3A + 2].tolist() == [3, 10]
+    codes = jnp.asarray(np.random.default_rng(0).integers(0, 16, (64, 128)), jnp.uint8)
+    np.testing.assert_array_equal(L.pack4(codes, fused=True), L.pack4(codes))
+    fused = jax.jit(lambda c: L.unpack4(L.pack4(c, fused=True), c.shape, fused=True))(codes)
+    np.testing.assert_array_equal(fused, codes)
+
+
+@pytest.mark.parametrize("encode", [L.m4_encode, L.v4_encode], ids=["m4", "v4"])
+def test_q4_scales_are_the_encode_scales(encode):
+    """Codes encoded with the scales of a pass of their own (``q4_scales``) equal the one-pass codes,
+    non-finite and all-zero blocks included."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 128)).astype(np.float32) * 10.0 ** rng.uniform(-8, 3, (8, 1)).astype(np.float32)
+    x[1, 5], x[2, 7], x[3] = np.nan, np.inf, 0.0
+    if encode is L.v4_encode:
+        x = np.abs(x)
+    want_codes, want_scales = encode(jnp.asarray(x))
+    scales = L.q4_scales(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(scales).view(np.uint32), np.asarray(want_scales).view(np.uint32))
+    codes, got_scales = encode(jnp.asarray(x), scales=scales)
+    np.testing.assert_array_equal(codes, want_codes)
+    assert got_scales is scales

@@ -329,11 +329,14 @@ def test_a_registered_codec_goes_through_init_update_and_check(half_format):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "4bit"])
-@pytest.mark.parametrize("spec", [("xy", None), (None, "xy"), ("x", "y")])
+@pytest.mark.parametrize("spec", [("xy", None), (None, "xy"), ("x", "y"), ("x", None)])
 def test_lowbit_formats_on_an_explicit_mesh_equal_one_device(fmt, spec):
     """fp8 and 4-bit moments on an Explicit 2x4 mesh (jax.make_mesh's default), params split along
     either axis or both: the step runs (it once failed in a reshape of the split leaf) and gives the
-    single-device params and codes; fp8 codes are split like the params."""
+    single-device params and codes; fp8 codes are split like the params. ``init`` gives the state
+    the sharding the step returns (it once gave the 1-D codes and scales unsplit, which the step
+    then split: a second compile and no donation); split along the major axis alone, the 1-D
+    arrays are split along it too (each device holds its rows' blocks)."""
     assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test)"
     rng = np.random.default_rng(11)
     w = rng.standard_normal((64, 2048)).astype(np.float32)
@@ -351,7 +354,17 @@ def test_lowbit_formats_on_an_explicit_mesh_equal_one_device(fmt, spec):
     with jax.set_mesh(mesh):
         sharding = jax.sharding.NamedSharding(mesh, pspec)
         params = {"w": jax.device_put(jnp.asarray(w), sharding)}
-        got_p, got_s = jax.jit(step)(params, jax.jit(opt.init)(params), {"w": jax.device_put(jnp.asarray(g), sharding)})
+        s0 = jax.jit(opt.init)(params)
+        got_p, got_s = jax.jit(step)(params, s0, {"w": jax.device_put(jnp.asarray(g), sharding)})
+    for f in ("mu", "nu"):
+        before, after = getattr(s0, f)["w"], getattr(got_s, f)["w"]
+        for a, b in zip(before, after):
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (f, a.sharding.spec, b.sharding.spec)
+        flat = [x for x in after if x.ndim == 1]
+        assert flat  # fp8's scales; 4-bit's codes and scales
+        major = pspec[0] if all(e is None for e in tuple(pspec)[1:]) else None
+        for x in flat:
+            assert tuple(x.sharding.spec) == ((major,) if major else (None,)), (f, x.sharding.spec)
     np.testing.assert_array_equal(np.asarray(got_p["w"]), np.asarray(want_p["w"]))
     for f in ("mu", "nu"):
         a, b = getattr(got_s, f)["w"], getattr(want_s, f)["w"]

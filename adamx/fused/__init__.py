@@ -3,9 +3,9 @@
 ``opt.update`` returns optax *updates*, which the caller adds to the params. On XLA:CPU
 that costs three full-size loops per leaf; :func:`apply_gradients` instead updates
 params and optimizer state in one in-place pass (a C++ kernel called through
-``jax.ffi``), with the same numbers. On a GPU or TPU with 8-bit moments it runs one Pallas
-kernel per leaf (Triton, Mosaic: ``_pallas``), which moves the ideal bytes where ``update``
-cannot. It falls back to ``tx.update`` + ``optax.apply_updates`` wherever no kernel applies
+``jax.ffi``), with the same numbers. On a GPU or TPU with coded moments
+(``quantize_moments=True``: dynamic8, fp8 or 4bit) it runs one Pallas kernel per leaf
+(Triton, Mosaic: ``_pallas``), which moves the ideal bytes where ``update`` cannot. It falls back to ``tx.update`` + ``optax.apply_updates`` wherever no kernel applies
 (see :func:`why_not`), so it is always safe to call. See docs/performance.md for the design
 and the measurements.
 
@@ -58,7 +58,7 @@ _warned_lock = threading.Lock()
 
 def why_not(tx: object, grads: PyTree, opt_state: PyTree, params: PyTree) -> str | None:
     """``None`` when :func:`apply_gradients` takes a fused path on the default backend (the C++
-    kernel on CPU, the Pallas kernels for 8-bit moments on GPU and TPU), else the reason it does not."""
+    kernel on CPU, the Pallas kernels for coded moments on GPU and TPU), else the reason it does not."""
     if jax.default_backend() != "cpu":
         return _pallas.plan(tx, grads, opt_state, params)[0]
     return _plan.plan(tx, grads, opt_state, params)[0]
@@ -93,7 +93,7 @@ def apply_gradients(
     For an ``adamx.adam``/``adamx.adamw`` optimizer on CPU it runs one in-place pass over
     params, grads and optimizer state (jit the step and donate params and state to get
     the in-place update without copies); on a GPU or TPU with ``quantize_moments=True``, one
-    Pallas kernel per 8-bit leaf (the platform the step is compiled for picks). Anything else takes the two lines above, and the
+    Pallas kernel per coded leaf (the platform the step is compiled for picks). Anything else takes the two lines above, and the
     ``adamx`` logger prints a WARNING once per reason (the kernel is unavailable, an option
     or dtype it does not take, ...; :func:`why_not` returns it).
 
@@ -127,7 +127,7 @@ def apply_gradients(
 
     if accel is None:
         return cpu()
-    # 8-bit moments: the Pallas kernels on GPU and TPU (adamx/fused/_pallas.py), picked by the
+    # coded moments: the Pallas kernels on GPU and TPU (adamx/fused/_pallas.py), picked by the
     # platform the step is compiled for (a deviceless compile for an accelerator included)
     return jax.lax.platform_dependent(
         cpu=cpu,

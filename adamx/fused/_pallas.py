@@ -1,4 +1,4 @@
-"""The fused step on GPU and TPU: one Pallas kernel per leaf for 8-bit (dynamic8, fp8) moments.
+"""The fused step on GPU and TPU: one Pallas kernel per leaf for coded (dynamic8, fp8, 4bit) moments.
 
 ``jit(update + optax.apply_updates)`` with 8-bit moments cannot reach the memory roofline on an
 accelerator: the block absmax of the new moments must be known before any code is written, so
@@ -20,7 +20,16 @@ in place (``input_output_aliases``; donate params and state).
     s' = absmax(m') ; c' = nearest code of m' / s'              (and the same for v')
 
 (``dynamic8``; for ``fp8``: ``m = f32(c_mu) * s_mu``, ``s' = max(absmax(m'), 1e-12) / 448``,
-``c' = e4m3fn(m' / s')``, as :mod:`adamx._lowbit`.)
+``c' = e4m3fn(m' / s')``; for ``4bit``, blocks of 128: ``m = M4_MAP[c_mu] * s_mu``,
+``v = ((c_nu + 1) / 16) * s_nu``, ``s' = max(absmax, 1e-12)``, ``c' = #{T_k <= m' / s'}``, two codes
+a byte; all as :mod:`adamx._lowbit`.)
+
+4-bit codes are packed ``byte[k] = code[2k] << 4 | code[2k+1]``: the Triton kernel reads and writes
+the even and the odd elements of a block by stride-2 slices; Mosaic has no lane-strided access,
+so the TPU kernel spreads each byte to its two elements, and packs the new codes, by products with
+constant 0/1 (and 16) matrices on the MXU (exact: bfloat16 values below 256, float32 sums). On the
+TPU the 1-D packed codes are relaid out to the kernel's 2-D tiles through VMEM (15.6 bytes a
+float32 param against 14.13 on one 16M leaf).
 
 The arithmetic is :mod:`adamx._step`'s, written with the same functions (``dynamic_decode``,
 ``dynamic_encode``, the absmax over the float bits), so it compiles from one body for both
@@ -30,7 +39,7 @@ contraction of ``p * wd * lr`` being the compiler's). On a GPU or TPU the compil
 other multiply-adds; a value a hair above its block's scale still encodes to the end code, as in
 the two-pass XLA schedule (docs/quantized_state.md, "bit identities").
 
-Which leaves: ``dynamic8`` or ``fp8`` moments of the current layout whose last axis holds whole
+Which leaves: coded moments of the current layout whose last axis holds whole
 blocks, on params of float32 or bfloat16, on one device or (``dynamic8``) split alike on an Explicit
 mesh in whole blocks (then per shard, under ``shard_map``: no collective). Every other leaf of the same tree takes
 the XLA step (:func:`adamx._step.moments_coded`, then the update added as ``optax.apply_updates``
@@ -52,7 +61,7 @@ import optax
 from jax.interpreters import mlir
 
 from adamx import _checks, _codecs, _decay, _lowbit, _quantize, _step, _tree
-from adamx._codecs import Dynamic8, MomentCodec
+from adamx._codecs import MomentCodec
 from adamx._spec import AdamSpec
 from adamx._state import AdamState, next_state
 from adamx._types import Leaf, PyTree
@@ -64,7 +73,11 @@ TPU_BLOCKS_PER_ROW = 32  # blocks of a row unrolled in the TPU kernel (static la
 TPU_VMEM_BYTES = 4 << 20  # the row tile's buffers (double-buffered) stay below this
 GPU_ROWS = 8  # blocks per Triton program (8 x 256 = 2048 elements)
 N_SCALARS = 8  # c1, c2, alpha, eps, lr, wd, lsf, fp8's 448 (a runtime value: the division stays one)
-FORMATS = ("dynamic8", "fp8")  # the moment formats the kernel codes
+FORMATS = ("dynamic8", "fp8", "4bit")  # the moment formats the kernel codes
+Q4_THRESHOLDS = {  # torchao's 4-bit rule as thresholds (adamx._lowbit.q4_thresholds): code = #{T <= y}
+    True: [float(t) for t in _lowbit.q4_thresholds(_lowbit.M4_MAP)],
+    False: [float(t) for t in _lowbit.q4_thresholds(_lowbit.V4_MAP)],
+}
 
 
 class AccelPlan(NamedTuple):
@@ -82,7 +95,7 @@ class AccelPlan(NamedTuple):
 
 def _spec_problem(spec: AdamSpec) -> str | None:
     if not spec.quantize_moments or spec.moment_format not in FORMATS:
-        return f"the accelerator kernel is for 8-bit moments ({', '.join(FORMATS)})"
+        return f"the accelerator kernel is for coded moments ({', '.join(FORMATS)})"
     if spec.amsgrad or spec.window is not None or spec.use_ema or spec.param_rounding != "nearest":
         return "amsgrad, gradient accumulation, use_ema and param_rounding are not in the accelerator kernel"
     bs = _block_size(spec)
@@ -104,8 +117,10 @@ class Split(NamedTuple):
 
 def _split(arrays: tuple[Leaf, ...], shape: tuple[int, ...], block_size: int) -> Split | None | bool:
     """``None`` for arrays on one device (or inside ``shard_map``), a :class:`Split` for arrays split
-    alike on an Explicit mesh in whole blocks (params, grads, codes by one spec; the scales by the
-    same spec, their last axis counted in blocks), ``False`` otherwise (the XLA step)."""
+    alike on an Explicit mesh in whole blocks (params, grads, codes by one spec; dynamic8's scales by
+    the same spec, their last axis counted in blocks; a 1-D array of a leaf of more axes, fp8's
+    scales and 4-bit's codes and scales, along the major axis alone, as
+    :func:`adamx._quantize.major_split` splits them), ``False`` otherwise (the XLA step)."""
     if not any(_tree.is_sharded(x) for x in arrays):
         return None
     if isinstance(arrays[0], jax.core.Tracer):
@@ -118,13 +133,24 @@ def _split(arrays: tuple[Leaf, ...], shape: tuple[int, ...], block_size: int) ->
     ):
         return False
     spec = tuple(first.spec) + (None,) * (len(shape) - len(tuple(first.spec)))
-    if any(tuple(sh.spec) + (None,) * (len(shape) - len(tuple(sh.spec))) != spec for sh in shardings):
-        return False
+    for x, sh in zip(arrays, shardings):
+        if _array_spec(spec, jnp.ndim(x)) != tuple(sh.spec) + (None,) * (jnp.ndim(x) - len(tuple(sh.spec))):
+            return False
     for i, entry in enumerate(spec):
         n = _quantize._shards(first.mesh, entry)
         if shape[i] % n or (i == len(shape) - 1 and (shape[i] // block_size) % n):
             return False
     return Split(first.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _array_spec(spec: tuple[Any, ...], ndim: int) -> tuple[Any, ...] | None:
+    """The spec of an array of ``ndim`` axes kept for a leaf split by ``spec``: the same, or for a
+    1-D array of a leaf of more axes the major entry where that is the only split one (else ``None``)."""
+    if ndim == len(spec):
+        return spec
+    if ndim == 1 and all(e is None for e in spec[1:]):
+        return spec[:1]
+    return None
 
 
 def leaf_fits(p: Leaf, g: Leaf, m: Leaf, v: Leaf, codecs: tuple[MomentCodec, MomentCodec]) -> bool:
@@ -140,9 +166,7 @@ def leaf_fits(p: Leaf, g: Leaf, m: Leaf, v: Leaf, codecs: tuple[MomentCodec, Mom
         return False
     if not all(_checks.has_layout(q, c, shape) for q, c in zip((m, v), codecs)):
         return False
-    split = _split((p, g, m.codes, m.scales, v.codes, v.scales), shape, block_size)
-    # fp8's scales are 1-D: no spec of the param's applies to them, so a split leaf takes the XLA step
-    return split is None or (split is not False and isinstance(codecs[0], Dynamic8))
+    return _split((p, g, m.codes, m.scales, v.codes, v.scales), shape, block_size) is not False
 
 
 def local_shape(p: Leaf, block_size: int) -> tuple[int, ...]:
@@ -226,19 +250,145 @@ def _body(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref, 
             g = g / lsf
         m = _decode(fmt, mc_ref[:, sl], pick(ms_all, j), True)
         v = _decode(fmt, vc_ref[:, sl], pick(vs_all, j), False)
-        m2 = m + (g - m) * c1
-        v2 = v + (g * g - v) * c2
-        u = -((m2 * alpha) / (jnp.sqrt(v2) + eps))
-        p = p_ref[:, sl]
-        if decay:
-            u = u - (p.astype(jnp.float32) * wd) * lr
-        po_ref[:, sl] = (p + u.astype(p.dtype)).astype(p.dtype)
+        po_ref[:, sl], m2, v2 = _adam(g, m, v, p_ref[:, sl], (c1, c2, alpha, eps, lr, wd), decay)
         mc, ms = _encode(fmt, m2, True, fp8_max)
         vc, vs = _encode(fmt, v2, False, fp8_max)
         mco_ref[:, sl] = mc
         vco_ref[:, sl] = vc
         new_ms = ms if nb == 1 else jnp.where(lane == j, ms, new_ms)
         new_vs = vs if nb == 1 else jnp.where(lane == j, vs, new_vs)
+    mso_ref[...] = new_ms
+    vso_ref[...] = new_vs
+
+
+def _adam(g, m, v, p, sc, decay):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """The Keras step on decoded moments: ``(new param, m', v')`` (the kernel bodies' shared arithmetic)."""
+    c1, c2, alpha, eps, lr, wd = sc
+    m2 = m + (g - m) * c1
+    v2 = v + (g * g - v) * c2
+    u = -((m2 * alpha) / (jnp.sqrt(v2) + eps))
+    if decay:
+        u = u - (p.astype(jnp.float32) * wd) * lr
+    return (p + u.astype(p.dtype)).astype(p.dtype), m2, v2
+
+
+def _q4_decode(code: jax.Array, scale: jax.Array, signed: bool) -> jax.Array:
+    """:func:`adamx._lowbit.m4_decode` / ``v4_decode`` of int32 codes 0..15 (a select tree, no gather)."""
+    if not signed:
+        return ((code.astype(jnp.float32) + jnp.float32(1)) * jnp.float32(1 / 16)) * scale
+    level: list[Any] = [float(x) for x in _lowbit.M4_MAP]
+    for bit in range(4):
+        on = ((code >> bit) & 1) != 0
+        level = [
+            jnp.where(on, jnp.float32(level[2 * i + 1]), jnp.float32(level[2 * i])) for i in range(len(level) // 2)
+        ]
+    return level[0] * scale
+
+
+def _q4_scale(parts: list[jax.Array]) -> jax.Array:
+    """A block's ``max(absmax, 1e-12)`` (NaN if it holds one) over its ``parts`` (``(rows, k)`` each):
+    an integer max over the float bits, as the fp8 branch of :func:`_encode`."""
+    tops = [
+        jnp.max(jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF), axis=-1, keepdims=True)
+        for x in parts
+    ]
+    top = functools.reduce(jnp.maximum, tops)
+    return jnp.maximum(_quantize._scale_of(top), _lowbit.SCALE_FLOOR)
+
+
+def _q4_code(x: jax.Array, s: jax.Array, signed: bool) -> jax.Array:
+    """int32 codes of ``x`` in blocks of scale ``s``: ``#{T <= x / s}`` (:func:`adamx._lowbit.m4_encode`)."""
+    y = x / (s + x * jnp.float32(0))
+    code = jnp.zeros(y.shape, jnp.int32)
+    for t in Q4_THRESHOLDS[signed]:
+        code = code + (y >= jnp.float32(t)).astype(jnp.int32)
+    return code
+
+
+def _body4(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref, mso_ref, vco_ref, vso_ref, **kw):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN003
+    """One tile of a ``4bit`` leaf: codes packed two a byte, ``byte[k] = code[2k] << 4 | code[2k+1]``.
+
+    ``layout="strided"`` (Triton): one block of 128 a row; the even and the odd elements are read and
+    written by stride-2 slices, so a byte's two codes are two lanes of the same index.
+    ``layout="mxu"`` (Mosaic, which has no lane-strided access): chunks of 256 elements (two blocks; the
+    last may be one); the bytes are spread to their two elements, and the codes packed back, by
+    products with 0/1 (and 16) matrices on the MXU, exact in bfloat16 with float32 sums (values < 256).
+    """
+    layout, nb, decay, has_lsf = kw["layout"], kw["nb"], kw["decay"], kw["has_lsf"]
+    c1, c2, alpha, eps, lr, wd, lsf = (s_ref[i] for i in range(7))
+    sc = (c1, c2, alpha, eps, lr, wd)
+
+    def grad(sl: Any) -> jax.Array:
+        g = g_ref[:, sl].astype(jnp.float32)
+        return g / lsf if has_lsf else g
+
+    if layout == "strided":
+        from jax.experimental import pallas as pl
+
+        cm, cv = mc_ref[...].astype(jnp.int32), vc_ref[...].astype(jnp.int32)
+        s_m, s_v = ms_ref[...], vs_ref[...]
+        new: list[tuple[jax.Array, jax.Array]] = []
+        for h, sl in enumerate((pl.ds(0, 64, stride=2), pl.ds(1, 64, stride=2))):
+            code_m, code_v = (cm >> 4, cv >> 4) if h == 0 else (cm & 15, cv & 15)
+            m, v = _q4_decode(code_m, s_m, True), _q4_decode(code_v, s_v, False)
+            p2, m2, v2 = _adam(grad(sl), m, v, p_ref[:, sl], sc, decay)
+            po_ref[:, sl] = p2
+            new.append((m2, v2))
+        sm2, sv2 = _q4_scale([x[0] for x in new]), _q4_scale([x[1] for x in new])
+        pm = [_q4_code(x[0], sm2, True) for x in new]
+        pv = [_q4_code(x[1], sv2, False) for x in new]
+        mco_ref[...] = ((pm[0] << 4) | pm[1]).astype(jnp.uint8)
+        vco_ref[...] = ((pv[0] << 4) | pv[1]).astype(jnp.uint8)
+        mso_ref[...] = sm2
+        vso_ref[...] = sv2
+        return
+
+    ms_all, vs_all = ms_ref[...], vs_ref[...]
+    lane_s = jax.lax.broadcasted_iota(jnp.int32, ms_all.shape, 1)
+
+    def pick(s: jax.Array, j: int) -> jax.Array:
+        return s if nb == 1 else jnp.max(jnp.where(lane_s == j, s, -jnp.inf), axis=1, keepdims=True)
+
+    def spread(c: jax.Array, w: int) -> jax.Array:  # bytes (rows, w/2) -> codes (rows, w)
+        k = jax.lax.broadcasted_iota(jnp.int32, (w // 2, w), 0)
+        e = jnp.where((jax.lax.broadcasted_iota(jnp.int32, (w // 2, w), 1) >> 1) == k, 1.0, 0.0)
+        b = jnp.dot(
+            c.astype(jnp.int32).astype(jnp.float32).astype(jnp.bfloat16),
+            e.astype(jnp.bfloat16),
+            preferred_element_type=jnp.float32,
+        ).astype(jnp.int32)
+        odd = (jax.lax.broadcasted_iota(jnp.int32, b.shape, 1) & 1) != 0
+        return jnp.where(odd, b & 15, b >> 4)
+
+    def pack(code: jax.Array, w: int) -> jax.Array:  # codes (rows, w) -> bytes (rows, w/2)
+        j = jax.lax.broadcasted_iota(jnp.int32, (w, w // 2), 0)
+        k2 = 2 * jax.lax.broadcasted_iota(jnp.int32, (w, w // 2), 1)
+        q = jnp.where(j == k2, 16.0, jnp.where(j == k2 + 1, 1.0, 0.0)).astype(jnp.bfloat16)
+        b = jnp.dot(code.astype(jnp.float32).astype(jnp.bfloat16), q, preferred_element_type=jnp.float32)
+        return b.astype(jnp.int32).astype(jnp.uint8)
+
+    new_ms, new_vs = ms_all, vs_all
+    width = nb * 128
+    for start in range(0, width, 256):
+        w = min(256, width - start)
+        sl, csl = slice(start, start + w), slice(start // 2, (start + w) // 2)
+        blocks = [start // 128 + j for j in range(w // 128)]
+        lane = jax.lax.broadcasted_iota(jnp.int32, (1, w), 1)
+
+        def per_block(vals: list[jax.Array]) -> jax.Array:
+            return vals[0] if len(vals) == 1 else jnp.where(lane < 128, vals[0], vals[1])
+
+        m = _q4_decode(spread(mc_ref[:, csl], w), per_block([pick(ms_all, j) for j in blocks]), True)
+        v = _q4_decode(spread(vc_ref[:, csl], w), per_block([pick(vs_all, j) for j in blocks]), False)
+        p2, m2, v2 = _adam(grad(sl), m, v, p_ref[:, sl], sc, decay)
+        po_ref[:, sl] = p2
+        sm = [_q4_scale([m2[:, 128 * i : 128 * (i + 1)]]) for i in range(len(blocks))]
+        sv = [_q4_scale([v2[:, 128 * i : 128 * (i + 1)]]) for i in range(len(blocks))]
+        mco_ref[:, csl] = pack(_q4_code(m2, per_block(sm), True), w)
+        vco_ref[:, csl] = pack(_q4_code(v2, per_block(sv), False), w)
+        for j, a, b in zip(blocks, sm, sv):
+            new_ms = a if nb == 1 else jnp.where(lane_s == j, a, new_ms)
+            new_vs = b if nb == 1 else jnp.where(lane_s == j, b, new_vs)
     mso_ref[...] = new_ms
     vso_ref[...] = new_vs
 
@@ -285,9 +435,10 @@ def _kernel_leaf(
     from jax.experimental import pallas as pl
 
     shape, bs = tuple(p.shape), block_size
+    per_code = 2 if fmt == "4bit" else 1  # elements a code byte holds
     if platform == "gpu":
         rows, width, nb = math.prod(shape) // bs, bs, 1
-        tr = GPU_ROWS
+        tr = GPU_ROWS * per_code
         s_spec = pl.BlockSpec((N_SCALARS,), lambda i: (0,))
         extra: dict[str, Any] = {}
         if not interpret:
@@ -316,12 +467,18 @@ def _kernel_leaf(
     def view2(x: jax.Array, w: int) -> jax.Array:
         return x.reshape(x.size // w, w)
 
-    args = (scal, view2(g, width), view2(p, width), view2(mc, width), view2(ms, nb), view2(vc, width), view2(vs, nb))
+    cw = width // per_code
+    args = (scal, view2(g, width), view2(p, width), view2(mc, cw), view2(ms, nb), view2(vc, cw), view2(vs, nb))
+    if fmt == "4bit":
+        layout = "strided" if platform == "gpu" else "mxu"
+        body = functools.partial(_body4, layout=layout, nb=nb, decay=decay, has_lsf=has_lsf)
+    else:
+        body = functools.partial(_body, fmt=fmt, nb=nb, block_size=bs, decay=decay, has_lsf=has_lsf)
     outs = pl.pallas_call(
-        functools.partial(_body, fmt=fmt, nb=nb, block_size=bs, decay=decay, has_lsf=has_lsf),
+        body,
         grid=(pl.cdiv(rows, tr),),
-        in_specs=[s_spec, block(width), block(width), block(width), block(nb), block(width), block(nb)],
-        out_specs=[block(width), block(width), block(nb), block(width), block(nb)],
+        in_specs=[s_spec, block(width), block(width), block(cw), block(nb), block(cw), block(nb)],
+        out_specs=[block(width), block(cw), block(nb), block(cw), block(nb)],
         out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[2:]],
         input_output_aliases={2: 0, 3: 1, 4: 2, 5: 3, 6: 4},
         interpret=interpret,
@@ -402,12 +559,12 @@ def leaf_step(
     arrays = (g, p, mu.codes, mu.scales, nu.codes, nu.scales)
     sp = _split(arrays, tuple(p.shape), block_size)
     if isinstance(sp, Split):  # per shard: the kernel is elementwise in whole blocks, no collective
-        spec = sp.spec
+        specs = [jax.sharding.PartitionSpec(*_array_spec(tuple(sp.spec), x.ndim)) for x in arrays]  # type: ignore[misc]
         bind = jax.shard_map(
             bind,
             mesh=sp.mesh,
-            in_specs=(jax.sharding.PartitionSpec(),) + (spec,) * 6,
-            out_specs=[spec] * 5,
+            in_specs=(jax.sharding.PartitionSpec(), *specs),
+            out_specs=specs[1:],
             check_vma=False,
         )
     p2, mc, ms, vc, vs = bind(scal, *arrays)

@@ -26,16 +26,18 @@ OPTIONS = list(accelerator.OPTION_SETS)
 BYTES_FAIL = {
     "8-bit moments, bf16": "14.3 B/param (ideal 10.06, optax 14): the two passes read the bf16 grads and the "
     "codes twice (26.2 before the two-pass schedule)",
-    "4bit moments": "42.3 B/param (ideal 14.13, optax 28) in 5 kernels per leaf",
 }
 TEMP_FAIL = {
-    "4bit moments": "4.0 B/param of temporaries: the 4-bit codes are unpacked and packed in passes of their own"
+    "4bit moments": "1.06 B/param of temporaries (4.0 before the two-pass schedule): the second pass packs "
+    "the codes by a sum over each pair, a reduction that XLA does not write in place over the donated "
+    "codes it reads, so it writes them aside and copies them in"
 }
 EIGHT_BIT_FAIL = {
     "8-bit moments": "22.3 B/param against float32 Adam's 28 (0.80x; 32.2 before): the block absmax pass reads "
     "the grads and codes once more (6 B/param) and the update pass cannot own the params (apply_updates)",
     "fp8 moments": "22.3 B/param against float32 Adam's 28 (0.80x), as 8-bit: XLA:GPU fuses it into 2 kernels",
-    "4bit moments": "42.3 B/param against float32 Adam's 28",
+    "4bit moments": "21.5 B/param against float32 Adam's 28 (0.77x; 42.3 before the two-pass schedule): "
+    "the block absmax pass reads the grads and codes once more, and the packed codes are copied in (2 B/param)",
 }
 
 
@@ -76,10 +78,11 @@ def test_gpt2_small_8bit_state_and_temporaries_at_most_035x_optax_float32():
     assert ratio <= 0.35, f"8-bit state + temporaries {ratio:.2f}x optax float32 Adam's"
 
 
-def test_gpt2_small_8bit_apply_gradients_at_the_ideal():
+@pytest.mark.parametrize("option", ["8-bit, apply_gradients", "4bit, apply_gradients"])
+def test_gpt2_small_apply_gradients_at_the_ideal(option):
     """The GPT-2-small-shaped tree through the Triton kernel: one kernel per leaf, bytes within
     1.15x the ideal, no full-size temporaries."""
-    m = measured(TARGET, "8-bit, apply_gradients", shape="GPT-2 small")
+    m = measured(TARGET, option, shape="GPT-2 small")
     assert m.error is None, m.error
     assert m.bytes_per_param <= 1.15 * m.ideal_per_param, (m.bytes_per_param, m.ideal_per_param)
     assert m.temp_per_param <= 0.5
