@@ -162,6 +162,10 @@ def _check_map(qmap: Leaf) -> np.ndarray:
     return q
 
 
+_M4_THRESHOLDS: np.ndarray = q4_thresholds(M4_MAP)
+_V4_THRESHOLDS: np.ndarray = q4_thresholds(V4_MAP)
+
+
 def _check_block_size(block_size: Leaf) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive int, got {block_size!r}")
@@ -263,15 +267,32 @@ def q4_scales(x: Leaf, block_size: int = Q4_BLOCK_SIZE) -> jax.Array:
     return _absmax(_blocks(x, block_size))
 
 
-def _q4_encode(
-    x: Leaf, qmap: np.ndarray, block_size: int, scales: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+def q4_code(y: jax.Array, signed: bool, dtype: Leaf = jnp.uint8) -> jax.Array:
+    """The 4-bit code of each scaled value ``y = x / scale``, elementwise: ``#{k : y >= T[k]}`` with
+    ``T`` the :func:`q4_thresholds` of :data:`M4_MAP` (``signed``) or :data:`V4_MAP`. A NaN compares
+    false everywhere: code 0, as torchao's search gives."""
+    code = jnp.zeros(jnp.shape(y), dtype)
+    for t in _M4_THRESHOLDS if signed else _V4_THRESHOLDS:
+        code = code + (y >= t).astype(dtype)
+    return code
+
+
+def q4_value(code: jax.Array, signed: bool) -> jax.Array:
+    """The map value of each 4-bit code (integers 0..15), elementwise, float32: :data:`M4_MAP`'s by a
+    4-level select tree on the code's bits (``signed``, no gather), else ``V4_MAP``'s ``(code + 1) / 16``."""
+    if not signed:
+        return (code.astype(jnp.float32) + jnp.float32(1)) * jnp.float32(1 / 16)
+    level: list[Leaf] = [np.float32(v) for v in M4_MAP]
+    for bit in range(4):
+        on = ((code >> bit) & 1) != 0
+        level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _q4_encode(x: Leaf, signed: bool, block_size: int, scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     blocks = _blocks(x, block_size)
     scale = _absmax(blocks) if scales is None else scales
-    y = _scaled(blocks, scale)
-    code = jnp.zeros(y.shape, jnp.uint8)
-    for t in q4_thresholds(qmap):  # NaN compares false everywhere: code 0, as torchao's search gives
-        code = code + (y >= t).astype(jnp.uint8)
+    code = q4_code(_scaled(blocks, scale), signed)
     return _reshape(code, jnp.shape(x)), scale
 
 
@@ -282,7 +303,7 @@ def m4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE, scales: jax.Array | None
     up, exactly as torchao's float32 search (module docstring). Store with :func:`pack4`. ``scales``:
     the blocks' :func:`q4_scales`, when a pass of its own computed them (the codes are then elementwise).
     """
-    return _q4_encode(x, M4_MAP, block_size, scales)
+    return _q4_encode(x, True, block_size, scales)
 
 
 def v4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE, scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -290,19 +311,14 @@ def v4_encode(x: Leaf, block_size: int = Q4_BLOCK_SIZE, scales: jax.Array | None
 
     Meant for ``x >= 0``; a negative element encodes as code 0, as in torchao.
     """
-    return _q4_encode(x, V4_MAP, block_size, scales)
+    return _q4_encode(x, False, block_size, scales)
 
 
 def m4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     """``M4_MAP[code] * scale`` per block, in ``codes``' shape: a 4-level select tree on the code's bits, no gather."""
     codes = jnp.asarray(codes)
     scales, bs = _check_codes(codes, scales)
-    c = codes.astype(jnp.uint8)
-    level: list[Leaf] = [np.float32(v) for v in M4_MAP]
-    for bit in range(4):
-        on = ((c >> bit) & 1) != 0
-        level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    values = _reshape(level[0], (scales.size, bs)) * scales[:, None]
+    values = _reshape(q4_value(codes.astype(jnp.uint8), True), (scales.size, bs)) * scales[:, None]
     return _reshape(values, codes.shape)
 
 
@@ -310,8 +326,7 @@ def v4_decode(codes: Leaf, scales: Leaf) -> jax.Array:
     """``V4_MAP[code] * scale = ((code + 1) / 16) * scale`` per block (the first product is exact)."""
     codes = jnp.asarray(codes)
     scales, bs = _check_codes(codes, scales)
-    q = (codes.astype(jnp.float32) + jnp.float32(1)) * jnp.float32(1 / 16)
-    return _reshape(_reshape(q, (scales.size, bs)) * scales[:, None], codes.shape)
+    return _reshape(_reshape(q4_value(codes, False), (scales.size, bs)) * scales[:, None], codes.shape)
 
 
 def pack4(codes: Leaf, fused: bool = False) -> jax.Array:

@@ -268,7 +268,7 @@ _CODE_MAPS = np.concatenate([code_map("mu"), code_map("nu")]).astype(np.float32)
 # then nu's; adamx/_lowbit.h's Q4Map), which fp8 does not read
 LOWBIT_FORMATS = {"fp8": 1, "4bit": 2}
 _LOWBIT_TABLES = np.concatenate(
-    [_lowbit.M4_MAP, _lowbit.q4_thresholds(_lowbit.M4_MAP), _lowbit.V4_MAP, _lowbit.q4_thresholds(_lowbit.V4_MAP)]
+    [_lowbit.M4_MAP, _lowbit._M4_THRESHOLDS, _lowbit.V4_MAP, _lowbit._V4_THRESHOLDS]
 ).astype(np.float32)
 
 

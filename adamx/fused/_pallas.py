@@ -74,10 +74,6 @@ TPU_VMEM_BYTES = 4 << 20  # the row tile's buffers (double-buffered) stay below 
 GPU_ROWS = 8  # blocks per Triton program (8 x 256 = 2048 elements)
 N_SCALARS = 8  # c1, c2, alpha, eps, lr, wd, lsf, fp8's 448 (a runtime value: the division stays one)
 FORMATS = ("dynamic8", "fp8", "4bit")  # the moment formats the kernel codes
-Q4_THRESHOLDS = {  # torchao's 4-bit rule as thresholds (adamx._lowbit.q4_thresholds): code = #{T <= y}
-    True: [float(t) for t in _lowbit.q4_thresholds(_lowbit.M4_MAP)],
-    False: [float(t) for t in _lowbit.q4_thresholds(_lowbit.V4_MAP)],
-}
 
 
 class AccelPlan(NamedTuple):
@@ -220,10 +216,7 @@ def _encode(fmt: str, x: jax.Array, signed: bool, fp8_max: jax.Array) -> tuple[j
     """Codes and the ``(rows, 1)`` block scales of ``x`` (one block per row), as
     :func:`adamx._quantize.quantize` / :func:`adamx._lowbit.fp8_encode`."""
     if fmt == "fp8":
-        # the absmax, NaN if the block holds one: an integer max over the bits (Triton has no reduce_or)
-        bits = jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF)
-        amax = _quantize._scale_of(jnp.max(bits, axis=-1, keepdims=True))
-        s = jnp.maximum(amax, _lowbit.SCALE_FLOOR) / fp8_max
+        s = _block_scale([x]) / fp8_max
         return (x / (s + x * jnp.float32(0))).astype(jnp.float8_e4m3fn), s
     x = jnp.where(jnp.abs(x) < _quantize.FLT_MIN, jnp.float32(0), x)
     s = _quantize._scale_of(jnp.max(_quantize._abs_bits(x), axis=-1, keepdims=True))
@@ -273,21 +266,14 @@ def _adam(g, m, v, p, sc, decay):  # type: ignore[no-untyped-def]  # noqa: ANN00
 
 
 def _q4_decode(code: jax.Array, scale: jax.Array, signed: bool) -> jax.Array:
-    """:func:`adamx._lowbit.m4_decode` / ``v4_decode`` of int32 codes 0..15 (a select tree, no gather)."""
-    if not signed:
-        return ((code.astype(jnp.float32) + jnp.float32(1)) * jnp.float32(1 / 16)) * scale
-    level: list[Any] = [float(x) for x in _lowbit.M4_MAP]
-    for bit in range(4):
-        on = ((code >> bit) & 1) != 0
-        level = [
-            jnp.where(on, jnp.float32(level[2 * i + 1]), jnp.float32(level[2 * i])) for i in range(len(level) // 2)
-        ]
-    return level[0] * scale
+    """:func:`adamx._lowbit.m4_decode` / ``v4_decode`` of int32 codes 0..15, in blocks of scale ``scale``."""
+    return _lowbit.q4_value(code, signed) * scale
 
 
-def _q4_scale(parts: list[jax.Array]) -> jax.Array:
-    """A block's ``max(absmax, 1e-12)`` (NaN if it holds one) over its ``parts`` (``(rows, k)`` each):
-    an integer max over the float bits, as the fp8 branch of :func:`_encode`."""
+def _block_scale(parts: list[jax.Array]) -> jax.Array:
+    """A block's ``max(absmax, 1e-12)`` (torchao's fp8 and 4-bit scale before fp8's ``/ 448``; NaN
+    if the block holds one) over its ``parts`` (``(rows, k)`` each): an integer max over the float
+    bits (Triton has no reduce_or)."""
     tops = [
         jnp.max(jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF), axis=-1, keepdims=True)
         for x in parts
@@ -298,11 +284,7 @@ def _q4_scale(parts: list[jax.Array]) -> jax.Array:
 
 def _q4_code(x: jax.Array, s: jax.Array, signed: bool) -> jax.Array:
     """int32 codes of ``x`` in blocks of scale ``s``: ``#{T <= x / s}`` (:func:`adamx._lowbit.m4_encode`)."""
-    y = x / (s + x * jnp.float32(0))
-    code = jnp.zeros(y.shape, jnp.int32)
-    for t in Q4_THRESHOLDS[signed]:
-        code = code + (y >= jnp.float32(t)).astype(jnp.int32)
-    return code
+    return _lowbit.q4_code(x / (s + x * jnp.float32(0)), signed, jnp.int32)
 
 
 def _body4(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref, mso_ref, vco_ref, vso_ref, **kw):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN003
@@ -334,7 +316,7 @@ def _body4(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref,
             p2, m2, v2 = _adam(grad(sl), m, v, p_ref[:, sl], sc, decay)
             po_ref[:, sl] = p2
             new.append((m2, v2))
-        sm2, sv2 = _q4_scale([x[0] for x in new]), _q4_scale([x[1] for x in new])
+        sm2, sv2 = _block_scale([x[0] for x in new]), _block_scale([x[1] for x in new])
         pm = [_q4_code(x[0], sm2, True) for x in new]
         pv = [_q4_code(x[1], sv2, False) for x in new]
         mco_ref[...] = ((pm[0] << 4) | pm[1]).astype(jnp.uint8)
@@ -382,8 +364,8 @@ def _body4(s_ref, g_ref, p_ref, mc_ref, ms_ref, vc_ref, vs_ref, po_ref, mco_ref,
         v = _q4_decode(spread(vc_ref[:, csl], w), per_block([pick(vs_all, j) for j in blocks]), False)
         p2, m2, v2 = _adam(grad(sl), m, v, p_ref[:, sl], sc, decay)
         po_ref[:, sl] = p2
-        sm = [_q4_scale([m2[:, 128 * i : 128 * (i + 1)]]) for i in range(len(blocks))]
-        sv = [_q4_scale([v2[:, 128 * i : 128 * (i + 1)]]) for i in range(len(blocks))]
+        sm = [_block_scale([m2[:, 128 * i : 128 * (i + 1)]]) for i in range(len(blocks))]
+        sv = [_block_scale([v2[:, 128 * i : 128 * (i + 1)]]) for i in range(len(blocks))]
         mco_ref[:, csl] = pack(_q4_code(m2, per_block(sm), True), w)
         vco_ref[:, csl] = pack(_q4_code(v2, per_block(sv), False), w)
         for j, a, b in zip(blocks, sm, sv):
